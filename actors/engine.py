@@ -1,0 +1,255 @@
+"""The generation engine: one class that loads a checkpoint and answers batches of prompts.
+
+It is plain Python with no Ray in it; the Ray Data predictor and the Serve replica both wrap it,
+so batch and online answers can never disagree. Tiles arrive as uint8 from CPU workers and are
+normalised here, on the model's device. Prompts are tokenised with left padding so one batched
+`generate` call serves rows of different lengths, tile counts and image counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+from pipeline import prompts
+from pipeline.config import EngineConfig, SamplingParams
+from pipeline.preprocess import AnyresSpec
+from pipeline.schemas import GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks the GPU when there is one."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on CUDA and float32 elsewhere (CPU half precision is slow and lossy)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_kwargs(cfg: EngineConfig, device: torch.device) -> dict[str, Any]:
+    """Keyword arguments for `from_pretrained` that carry the engine's options."""
+    kwargs: dict[str, Any] = {
+        "dtype": resolve_dtype(cfg.dtype, device),
+        "attn_implementation": cfg.attn_implementation,
+    }
+    if cfg.quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        if cfg.quantization == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else device.type}
+    return kwargs
+
+
+class Engine:
+    """Loads processor and model once; `generate` answers a batch of requests, one result each."""
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.processor = AutoProcessor.from_pretrained(cfg.model)
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.spec = AnyresSpec.from_checkpoint(cfg.model)
+        kwargs = load_kwargs(cfg, self.device)
+        self.model = LlavaNextForConditionalGeneration.from_pretrained(cfg.model, **kwargs).eval()
+        if "device_map" not in kwargs:
+            self.model.to(self.device)
+        self.dtype = kwargs["dtype"]
+        self.image_token_id = self.model.config.image_token_id
+        self.context = int(self.model.config.text_config.max_position_embeddings)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.eos_ids = self._eos_ids()
+        self.prompt_format = prompts.resolve_format(
+            cfg.prompt_format,
+            has_chat_template=bool(getattr(self.processor, "chat_template", None)),
+            text_model_type=getattr(self.model.config.text_config, "model_type", None),
+            vocab_has_im_start="<|im_start|>" in self.tokenizer.get_vocab(),
+        )
+        self._mean = torch.tensor(self.spec.image_mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.spec.image_std, device=self.device).view(1, 3, 1, 1)
+        log.info(
+            "engine ready: %s on %s (%s, attention %s, quantization %s, prompt format %s)",
+            cfg.model, self.device, self.dtype, cfg.attn_implementation, cfg.quantization, self.prompt_format,
+        )
+
+    def _eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        if ids is None:
+            ids = self.tokenizer.eos_token_id
+        return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model.rstrip("/").split("/")[-1]
+
+    def apply_template(self, messages: list[prompts.Message]) -> str:
+        """The checkpoint's own chat template, opened for the assistant's reply."""
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def format_question(self, question: str, num_images: int) -> str:
+        """The formatted prompt for a question about `num_images` images (raises PromptError)."""
+        return prompts.format_question(question, num_images, self.prompt_format, self.apply_template)
+
+    def render(self, messages: list[prompts.Message]) -> str:
+        """The formatted prompt for a whole conversation (raises PromptError)."""
+        return prompts.render(messages, self.prompt_format, self.apply_template)
+
+    def default_params(self) -> SamplingParams:
+        return SamplingParams.from_engine(self.cfg)
+
+    # ---- tokenising -------------------------------------------------------------------------
+
+    def tokenize(self, request: GenerationRequest) -> tuple[list[int], int]:
+        """Token ids of a request with each `<image>` expanded to its image's token count.
+
+        Raises ValueError when placeholders and images disagree or the prompt fills the context.
+        """
+        pieces = request.prompt.split(prompts.IMAGE_TOKEN)
+        if len(pieces) - 1 != len(request.tiles) or len(request.tiles) != len(request.image_sizes):
+            raise prompts.PromptError(
+                f"the prompt has {len(pieces) - 1} {prompts.IMAGE_TOKEN} placeholders "
+                f"but the row has {len(request.tiles)} images"
+            )
+        counts = [self.spec.num_image_tokens(tuple(int(v) for v in s)) for s in request.image_sizes]
+        text = pieces[0] + "".join(prompts.IMAGE_TOKEN * n + p for n, p in zip(counts, pieces[1:]))
+        ids = self.tokenizer(text)["input_ids"]
+        if len(ids) >= self.context:
+            raise ValueError(f"the prompt is {len(ids)} tokens, over the model's context of {self.context}")
+        return ids, sum(counts)
+
+    # ---- images -----------------------------------------------------------------------------
+
+    def pixel_batch(self, tiles: list[np.ndarray]) -> torch.Tensor:
+        """uint8 tiles of every image -> normalised `(images, max_tiles, 3, crop, crop)` on device.
+
+        Images with fewer tiles are zero-padded, as the processor does; the model drops the padding.
+        """
+        max_tiles = max(t.shape[0] for t in tiles)
+        crop = tiles[0].shape[-1]
+        out = torch.zeros((len(tiles), max_tiles, 3, crop, crop), dtype=torch.float32, device=self.device)
+        for i, t in enumerate(tiles):
+            x = torch.from_numpy(np.ascontiguousarray(t)).to(self.device, non_blocking=True).float()
+            out[i, : t.shape[0]] = (x * (1.0 / 255.0) - self._mean) / self._std
+        return out.to(self.dtype)
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Answer a batch; every request gets exactly one result, failures as row errors."""
+        results = [GenerationResult() for _ in requests]
+        groups: dict[SamplingParams, list[tuple[int, list[int]]]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            try:
+                ids, n_image = self.tokenize(req)
+            except ValueError as exc:
+                results[i].error = f"prompt: {exc}"
+                continue
+            results[i].num_input_tokens, results[i].num_image_tokens = len(ids), n_image
+            groups[req.params or self.default_params()].append((i, ids))
+        for params, members in groups.items():
+            self._generate_split(params, members, requests, results)
+        return results
+
+    def _generate_split(
+        self,
+        params: SamplingParams,
+        members: list[tuple[int, list[int]]],
+        requests: list[GenerationRequest],
+        results: list[GenerationResult],
+    ) -> None:
+        """Run one group; on out-of-memory retry it in halves, down to single rows."""
+        try:
+            self._generate_group(params, members, requests, results)
+        except torch.OutOfMemoryError as exc:
+            if len(members) == 1:
+                results[members[0][0]].error = f"generate: out of memory on a single row: {exc}"
+                return
+            log.warning("out of memory on a batch of %d; retrying in halves", len(members))
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(members) // 2
+            self._generate_split(params, members[:half], requests, results)
+            self._generate_split(params, members[half:], requests, results)
+        except Exception as exc:  # a failing batch must not take its neighbours' batches down
+            log.exception("generate failed on a batch of %d", len(members))
+            for i, _ in members:
+                results[i].error = f"generate: {type(exc).__name__}: {exc}"
+
+    def _generate_group(
+        self,
+        params: SamplingParams,
+        members: list[tuple[int, list[int]]],
+        requests: list[GenerationRequest],
+        results: list[GenerationResult],
+    ) -> None:
+        width = max(len(ids) for _, ids in members)
+        input_ids = torch.full((len(members), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(members), width), dtype=torch.long)
+        for row, (_, ids) in enumerate(members):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        inputs: dict[str, Any] = {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention.to(self.device),
+        }
+        tiles = [t for i, _ in members for t in requests[i].tiles]
+        if tiles:
+            sizes = [list(s) for i, _ in members for s in requests[i].image_sizes]
+            inputs["pixel_values"] = self.pixel_batch(tiles)
+            inputs["image_sizes"] = torch.tensor(sizes, dtype=torch.long, device=self.device)
+        gen_kwargs: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "pad_token_id": self.pad_id,
+            "do_sample": params.temperature > 0,
+        }
+        if params.temperature > 0:
+            gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+        if params.stop:
+            gen_kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **gen_kwargs)
+        elapsed_ms = (time.perf_counter() - start) * 1000.0
+        new_tokens = out[:, width:].tolist()
+        for (i, _), tokens in zip(members, new_tokens):
+            self._finish(results[i], tokens, params, elapsed_ms)
+
+    def _finish(self, result: GenerationResult, tokens: list[int], params: SamplingParams, ms: float) -> None:
+        """Cut a row's tokens at its end of sequence or stop string and fill in its result."""
+        finish = "length"
+        for k, tok in enumerate(tokens):
+            if tok in self.eos_ids:
+                tokens, finish = tokens[: k + 1], "stop"
+                break
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for stop in params.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        result.response = text
+        result.token_ids = tokens
+        result.num_output_tokens = len(tokens)
+        result.finish_reason = finish
+        result.generation_ms = ms
