@@ -17,3 +17,21 @@ def tiny_model(tmp_path_factory) -> str:
     from jobs.make_tiny_model import make_tiny_model
 
     return str(make_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session, bound to loopback.
+
+    Logical CPUs exceed the physical two so that actor pools never starve the read and
+    preprocess tasks of a plan.
+    """
+    import ray
+
+    ray.init(
+        num_cpus=6,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    yield ray
+    ray.shutdown()
