@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_transforms import convert_to_rgb
 
 from pipeline import anyres
@@ -99,6 +99,8 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
             rgb = convert_to_rgb(image, return_numpy=True)
     except ImageError:
         raise
+    except UnidentifiedImageError:
+        raise ImageError("cannot identify image file (not an image, or a format PIL cannot read)") from None
     except Exception as exc:  # PIL raises many types for bad files; all mean the same to a row
         raise ImageError(f"{type(exc).__name__}: {exc}") from None
     return Image.fromarray(rgb)

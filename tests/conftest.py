@@ -35,3 +35,22 @@ def ray_local():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model):
+    """The project's engine on the tiny checkpoint, greedy, short answers."""
+    from actors.engine import Engine
+    from pipeline.config import EngineConfig
+
+    return Engine(EngineConfig(model=tiny_model, max_new_tokens=12))
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model):
+    """transformers' own processor and model on the tiny checkpoint: the answers we must equal."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_model).eval()
+    return processor, model

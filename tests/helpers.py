@@ -19,3 +19,20 @@ def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Im
     """A random image; random pixels make any mix-up of rows or tiles visible in the answers."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+
+
+def reference_tokens(reference, images: list[Image.Image], prompt: str, max_new_tokens: int) -> list[int]:
+    """Greedy tokens from transformers' processor + `generate` on one prompt (the ground truth)."""
+    import torch
+
+    processor, model = reference
+    inputs = processor(images=images or None, text=prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def reference_answer(reference, images: list[Image.Image], prompt: str, max_new_tokens: int) -> str:
+    """The reference's decoded answer, special tokens dropped."""
+    tokens = reference_tokens(reference, images, prompt, max_new_tokens)
+    return reference[0].tokenizer.decode(tokens, skip_special_tokens=True)

@@ -1,0 +1,121 @@
+"""CPU anyres stage: uint8 tiles that normalise to exactly what the transformers processor makes."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from pipeline.config import ImageLimits
+from pipeline.preprocess import ImageError, decode, prepare
+from tests.helpers import encode, noise_image
+
+
+def _exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    return encode(noise_image(120, 60, seed=3), "JPEG", exif=exif, quality=95)
+
+
+def _palette_transparent() -> bytes:
+    image = noise_image(90, 70, seed=4).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    return encode(image, "PNG", transparency=3)
+
+
+def _rgba() -> bytes:
+    arr = np.random.default_rng(5).integers(0, 256, (50, 80, 4), dtype=np.uint8)
+    return encode(Image.fromarray(arr, "RGBA"))
+
+
+def _sixteen_bit() -> bytes:
+    arr = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 13) % 300
+    return encode(Image.fromarray(arr.astype(np.uint16)))
+
+
+def _animated_gif() -> bytes:
+    frames = [noise_image(60, 40, seed=s).convert("P") for s in (6, 7)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    return buf.getvalue()
+
+
+ZOO = {
+    "square": lambda: encode(noise_image(64, 64)),
+    "wide": lambda: encode(noise_image(300, 80, seed=1)),
+    "tall": lambda: encode(noise_image(40, 190, seed=2)),
+    "tiny": lambda: encode(noise_image(1, 1)),
+    "tiny-odd": lambda: encode(noise_image(5, 3)),
+    "large-jpeg": lambda: encode(noise_image(3000, 2000, seed=8), "JPEG"),
+    "sliver": lambda: encode(noise_image(2000, 20, seed=9)),
+    "rgba": _rgba,
+    "la": lambda: encode(noise_image(33, 44, seed=10, mode="LA")),
+    "palette-transparent": _palette_transparent,
+    "grayscale": lambda: encode(noise_image(70, 50, seed=11, mode="L")),
+    "bilevel": lambda: encode(noise_image(70, 50, seed=12, mode="1")),
+    "cmyk": lambda: encode(noise_image(80, 60, seed=13, mode="CMYK"), "JPEG"),
+    "16-bit": _sixteen_bit,
+    "exif-rotated": _exif_rotated,
+    "webp": lambda: encode(noise_image(100, 75, seed=14), "WEBP", lossless=True),
+    "animated-gif": _animated_gif,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_tiles_normalise_to_the_processor_pixels(name, engine, reference):
+    data = ZOO[name]()
+    prepared = prepare(data, engine.spec)
+    assert prepared.tiles.dtype == np.uint8
+    assert prepared.tiles.shape[1:] == (3, engine.spec.crop, engine.spec.crop)
+
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    prompt = engine.format_question("What is shown in this image?", 1)
+    expected = reference[0](images=[upright], text=prompt, return_tensors="pt")
+    assert prepared.size == tuple(expected["image_sizes"][0].tolist())
+
+    ours = engine.pixel_batch([prepared.tiles])[0]
+    theirs = expected["pixel_values"][0]
+    assert ours.shape == theirs.shape
+    assert torch.max(torch.abs(ours - theirs)).item() <= 1e-5
+
+    from pipeline.schemas import GenerationRequest
+
+    ids, _ = engine.tokenize(GenerationRequest(prompt, [prepared.tiles], [prepared.size]))
+    assert ids == expected["input_ids"][0].tolist()
+    assert expected["attention_mask"][0].tolist() == [1] * len(ids)
+
+
+def test_exif_orientation_is_applied():
+    image = decode(_exif_rotated())
+    assert image.size == (60, 120)
+
+
+def test_transparency_is_composited_on_white():
+    transparent = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert decode(encode(transparent)).getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, "cannot identify"),
+        (b"<html><body>not found</body></html>", "cannot identify"),
+        (encode(noise_image(200, 200), "JPEG")[:600], "(?i)truncated"),
+    ],
+)
+def test_bad_bytes_are_image_errors(data, message):
+    with pytest.raises(ImageError, match=message):
+        decode(data)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    bomb = encode(Image.new("1", (9000, 8000)))
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageError, match="over the limit"):
+        decode(bomb)
+
+
+def test_byte_limit():
+    with pytest.raises(ImageError, match="bytes, over the limit of 100"):
+        decode(encode(noise_image(30, 30)), ImageLimits(max_bytes=100))
