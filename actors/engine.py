@@ -79,12 +79,10 @@ class Engine:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.eos_ids = self._eos_ids()
-        self.prompt_format = prompts.resolve_format(
-            cfg.prompt_format,
-            has_chat_template=bool(getattr(self.processor, "chat_template", None)),
-            text_model_type=getattr(self.model.config.text_config, "model_type", None),
-            vocab_has_im_start="<|im_start|>" in self.tokenizer.get_vocab(),
+        self.formatter = prompts.Formatter.from_processor(
+            self.processor, getattr(self.model.config.text_config, "model_type", None), cfg.prompt_format
         )
+        self.prompt_format = self.formatter.fmt
         self._mean = torch.tensor(self.spec.image_mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.spec.image_std, device=self.device).view(1, 3, 1, 1)
         log.info(
@@ -102,17 +100,13 @@ class Engine:
     def model_name(self) -> str:
         return self.cfg.model.rstrip("/").split("/")[-1]
 
-    def apply_template(self, messages: list[prompts.Message]) -> str:
-        """The checkpoint's own chat template, opened for the assistant's reply."""
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
     def format_question(self, question: str, num_images: int) -> str:
         """The formatted prompt for a question about `num_images` images (raises PromptError)."""
-        return prompts.format_question(question, num_images, self.prompt_format, self.apply_template)
+        return self.formatter.question(question, num_images)
 
     def render(self, messages: list[prompts.Message]) -> str:
         """The formatted prompt for a whole conversation (raises PromptError)."""
-        return prompts.render(messages, self.prompt_format, self.apply_template)
+        return self.formatter.conversation(messages)
 
     def default_params(self) -> SamplingParams:
         return SamplingParams.from_engine(self.cfg)
@@ -148,7 +142,8 @@ class Engine:
         crop = tiles[0].shape[-1]
         out = torch.zeros((len(tiles), max_tiles, 3, crop, crop), dtype=torch.float32, device=self.device)
         for i, t in enumerate(tiles):
-            x = torch.from_numpy(np.ascontiguousarray(t)).to(self.device, non_blocking=True).float()
+            host = np.array(t, copy=True, order="C")  # Arrow buffers are read-only; torch wants writable
+            x = torch.from_numpy(host).to(self.device, non_blocking=True).float()
             out[i, : t.shape[0]] = (x * (1.0 / 255.0) - self._mean) / self._std
         return out.to(self.dtype)
 

@@ -88,3 +88,64 @@ class SamplingParams:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready view of a config dataclass (nested dataclasses included)."""
     return dataclasses.asdict(cfg)
+
+
+DEFAULT_QUESTION = "What is shown in this image?"
+
+
+@dataclass(frozen=True)
+class AnnotateConfig:
+    """One batch annotation run: where rows come from and go, and how the plan is sized.
+
+    `actors` is (min, max) generation actors; None means one per GPU of the cluster (or one on
+    a CPU-only cluster). `gpus_per_actor` None means 1 when the cluster has GPUs, else 0.
+    """
+
+    input: str
+    output: str
+    engine: EngineConfig
+    prompt: str = DEFAULT_QUESTION
+    id_column: str = "id"
+    keep_columns: tuple[str, ...] = ()
+    limit: int | None = None
+    overwrite: bool = False
+    batch_size: int = 8
+    preprocess_batch_size: int = 16
+    actors: tuple[int, int] | None = None
+    gpus_per_actor: float | None = None
+    cpu_workers: int | None = None
+    fetch_timeout_s: float = 10.0
+    fetch_threads: int = 16
+    limits: ImageLimits = field(default_factory=ImageLimits)
+
+    def __post_init__(self) -> None:
+        if not self.input or not self.output:
+            raise ConfigError("--input and --output are required")
+        if self.input.rstrip("/") == self.output.rstrip("/"):
+            raise ConfigError("--output must differ from --input")
+        for name in ("batch_size", "preprocess_batch_size", "fetch_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("--limit must be at least 1")
+        if self.actors is not None and not 1 <= self.actors[0] <= self.actors[1]:
+            raise ConfigError("--actors must be N or MIN-MAX with 1 <= MIN <= MAX")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ConfigError("--gpus-per-actor must be >= 0")
+        if self.cpu_workers is not None and self.cpu_workers < 1:
+            raise ConfigError("--cpu-workers must be at least 1")
+        if self.fetch_timeout_s <= 0:
+            raise ConfigError("--fetch-timeout must be positive")
+        reserved = {"prompt", "response", "error", "tiles", "image", "images"}
+        if reserved & set(self.keep_columns):
+            raise ConfigError(f"--keep-columns cannot name {sorted(reserved & set(self.keep_columns))}")
+
+
+def parse_actors(text: str) -> tuple[int, int]:
+    """`N` or `MIN-MAX` into a (min, max) pair."""
+    try:
+        low, _, high = text.partition("-")
+        pair = (int(low), int(high or low))
+    except ValueError:
+        raise ConfigError(f"--actors must be N or MIN-MAX, got {text!r}") from None
+    return pair

@@ -8,18 +8,23 @@ its normalisation, because the same PIL operations run in the same order.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_transforms import convert_to_rgb
 
 from pipeline import anyres
 from pipeline.config import ImageLimits
+from pipeline.prompts import Formatter, PromptError
+from pipeline.read import FetchError, fetch, image_sources
 
 # Our own pixel limit is checked before decoding; PIL's bomb guard would only duplicate it.
 Image.MAX_IMAGE_PIXELS = None
@@ -150,3 +155,110 @@ def prepare(data: bytes, spec: AnyresSpec, limits: ImageLimits = ImageLimits()) 
     """Decode and tile one image; raises `ImageError` for anything unusable."""
     image = decode(data, limits)
     return PreparedImage(tiles=tiles(image, spec), size=(image.height, image.width))
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """What the CPU stage needs; small and picklable, so it ships to every task."""
+
+    model: str
+    prompt_format: str
+    question: str
+    id_column: str
+    image_column: str
+    prompt_column: str | None
+    keep: tuple[str, ...] = ()
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    fetch_timeout_s: float = 10.0
+    fetch_threads: int = 16
+
+
+@functools.lru_cache(maxsize=4)
+def checkpoint_resources(model_dir: str, prompt_format: str) -> tuple[AnyresSpec, Formatter]:
+    """Tiling spec and prompt formatter of a checkpoint, loaded once per worker process."""
+    from transformers import AutoConfig, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    text_type = getattr(AutoConfig.from_pretrained(model_dir).text_config, "model_type", None)
+    return AnyresSpec.from_checkpoint(model_dir), Formatter.from_processor(processor, text_type, prompt_format)
+
+
+def _fetch_all(rows: list[list], cfg: StageConfig) -> list[list]:
+    """Fetch every source of every row concurrently; a failure becomes that source's FetchError."""
+
+    def one(source):
+        try:
+            return fetch(source, cfg.fetch_timeout_s, cfg.limits.max_bytes)
+        except FetchError as exc:
+            return exc
+
+    flat = [src for sources in rows for src in sources]
+    with ThreadPoolExecutor(max_workers=max(1, min(cfg.fetch_threads, len(flat)))) as pool:
+        fetched = iter(list(pool.map(one, flat)))
+    return [[next(fetched) for _ in sources] for sources in rows]
+
+
+def _prepare_row(sources: list, data: list, question: str, spec: AnyresSpec, formatter: Formatter, cfg: StageConfig):
+    """One row's tiles, sizes and prompt; raises a stage-prefixed ValueError on the first problem."""
+    for item in data:
+        if isinstance(item, FetchError):
+            raise ValueError(f"fetch: {item}")
+    prepared = []
+    for k, item in enumerate(data):
+        try:
+            prepared.append(prepare(item, spec, cfg.limits))
+        except ImageError as exc:
+            where = f" (image {k + 1} of {len(data)})" if len(data) > 1 else ""
+            raise ValueError(f"decode: {exc}{where}") from None
+    try:
+        prompt = formatter.question(question, len(sources))
+    except PromptError as exc:
+        raise ValueError(f"prompt: {exc}") from None
+    return prepared, prompt
+
+
+def prepare_batch(batch: pa.Table, cfg: StageConfig) -> pa.Table:
+    """CPU stage: manifest rows -> formatted prompts and uint8 tiles, one output row per input row.
+
+    Reads the manifest columns and writes `schemas.PREPARED_COLUMNS` (plus the id and kept
+    columns unchanged); a row that fails keeps an `error` and no tiles.
+    """
+    from ray.data.extensions import ArrowVariableShapedTensorArray
+
+    spec, formatter = checkpoint_resources(cfg.model, cfg.prompt_format)
+    images = batch.column(cfg.image_column).to_pylist()
+    questions = batch.column(cfg.prompt_column).to_pylist() if cfg.prompt_column else [None] * len(images)
+    sources, errors = [], [None] * len(images)
+    for i, value in enumerate(images):
+        try:
+            sources.append(image_sources(value, cfg.image_column))
+        except FetchError as exc:
+            sources.append([])
+            errors[i] = f"fetch: {exc}"
+    fetched = _fetch_all(sources, cfg)
+    empty = np.zeros((0, 3, spec.crop, spec.crop), dtype=np.uint8)
+    tiles, counts, sizes, prompts_out = [], [], [], []
+    for i in range(len(images)):
+        row_tiles, row_counts, row_sizes, prompt = empty, [], [], None
+        if errors[i] is None:
+            question = questions[i] if questions[i] is not None else cfg.question
+            try:
+                prepared, prompt = _prepare_row(sources[i], fetched[i], question, spec, formatter, cfg)
+                row_tiles = np.concatenate([p.tiles for p in prepared])
+                row_counts = [p.tiles.shape[0] for p in prepared]
+                row_sizes = [v for p in prepared for v in p.size]
+            except ValueError as exc:
+                errors[i] = str(exc)
+        tiles.append(row_tiles)
+        counts.append(row_counts)
+        sizes.append(row_sizes)
+        prompts_out.append(prompt if prompt is not None else (questions[i] or cfg.question))
+    columns = {name: batch.column(name) for name in dict.fromkeys((cfg.id_column, *cfg.keep))}
+    columns.update(
+        prompt=pa.array(prompts_out, pa.string()),
+        error=pa.array(errors, pa.string()),
+        tiles=ArrowVariableShapedTensorArray.from_numpy(tiles),  # one type for every batch
+        tile_counts=pa.array(counts, pa.list_(pa.int32())),
+        image_sizes=pa.array(sizes, pa.list_(pa.int32())),
+    )
+    return pa.table(columns)

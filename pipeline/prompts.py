@@ -190,3 +190,35 @@ def format_question(
     """The prompt for one batch row: a single user turn holding the row's images and question."""
     messages = [{"role": "user", "content": question_parts(question, num_images)}]
     return render(messages, fmt_name, apply_template)
+
+
+@dataclass(frozen=True)
+class Formatter:
+    """A checkpoint's resolved prompt format, shared by the CPU stage, the engine and Serve."""
+
+    fmt: str
+    apply_template: ApplyTemplate | None = None
+
+    @classmethod
+    def from_processor(cls, processor, text_model_type: str | None, requested: str = "auto") -> "Formatter":
+        """Resolve `requested` against a loaded transformers processor and its language model type."""
+        template = getattr(processor, "chat_template", None)
+        fmt = resolve_format(
+            requested,
+            has_chat_template=bool(template),
+            text_model_type=text_model_type,
+            vocab_has_im_start="<|im_start|>" in processor.tokenizer.get_vocab(),
+        )
+
+        def apply(messages: list[Message]) -> str:
+            return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+        return cls(fmt, apply if fmt == TEMPLATE else None)
+
+    def question(self, question: str, num_images: int) -> str:
+        """Format one question about `num_images` images (raises PromptError)."""
+        return format_question(question, num_images, self.fmt, self.apply_template)
+
+    def conversation(self, messages: list[Message]) -> str:
+        """Format a whole conversation (raises PromptError)."""
+        return render(messages, self.fmt, self.apply_template)

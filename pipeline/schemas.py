@@ -9,8 +9,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.config import SamplingParams
+
+# Manifest (read): the id column (any name, --id-column), `image` or `images`, optional `prompt`,
+# and any columns named in --keep-columns.
+# CPU stage (preprocess.prepare_batch) adds these; image sizes are flattened (h1, w1, h2, w2, ...).
+PREPARED_COLUMNS = ("prompt", "error", "tiles", "tile_counts", "image_sizes")
+
+# Generation stage (predictor) writes the output contract: the id, these, then the kept columns.
+OUTPUT_FIELDS = [
+    pa.field("prompt", pa.string()),
+    pa.field("response", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("num_input_tokens", pa.int32()),
+    pa.field("num_output_tokens", pa.int32()),
+    pa.field("num_image_tokens", pa.int32()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("generation_ms", pa.float64()),
+]
+OUTPUT_COLUMNS = tuple(f.name for f in OUTPUT_FIELDS)
 
 
 @dataclass

@@ -1,0 +1,343 @@
+"""The OpenAI chat-completions wire format: parse and check requests, fetch images, shape replies.
+
+Plain Python with no Ray and no web framework, so every rule a client can trip over is unit-tested
+without starting a server. A request that cannot be served raises `ApiError` with the HTTP status
+and the OpenAI error body the client will see; the replica turns it into a response and goes on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pipeline.config import SamplingParams
+from pipeline.schemas import GenerationResult
+
+ROLES = ("system", "developer", "user", "assistant")
+
+# Options a client may send that this server cannot honour; each maps to the value that means "off".
+UNSUPPORTED_OPTIONS: dict[str, Any] = {
+    "tools": None,
+    "tool_choice": None,
+    "functions": None,
+    "function_call": None,
+    "logprobs": False,
+    "top_logprobs": None,
+    "logit_bias": None,
+    "audio": None,
+    "prediction": None,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+}
+
+
+class ApiError(Exception):
+    """A request the server refuses, with the status and OpenAI error `type`/`code` to answer with."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.code)
+
+
+def error_body(message: str, type_: str, code: str | None) -> dict[str, Any]:
+    """The OpenAI error envelope, which the official clients parse into their exception types."""
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+def bad_request(message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, code=code)
+
+
+@dataclass
+class ChatRequest:
+    """A checked chat request: messages in the internal shape, image URLs in placeholder order."""
+
+    messages: list[dict]
+    image_urls: list[str]
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    model: str | None = None
+    request_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _field(body: dict, name: str, check: Callable[[Any], bool], expected: str) -> Any:
+    """A field's value, or None when absent or null; a value of the wrong type is a 400."""
+    value = body.get(name)
+    if value is not None and not check(value):
+        raise bad_request(f"'{name}' must be {expected}; got {json.dumps(value)[:100]}", "invalid_type")
+    return value
+
+
+def _parse_part(part: Any, where: str) -> tuple[dict, str | None]:
+    """One OpenAI content part -> an internal part and, for images, the image's URL."""
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise bad_request(f"{where} must be an object with a 'type'", "invalid_type")
+    if part["type"] == "text":
+        if not isinstance(part.get("text"), str):
+            raise bad_request(f"{where}.text must be a string", "invalid_type")
+        return {"type": "text", "text": part["text"]}, None
+    if part["type"] == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str) or not url:
+            raise bad_request(f"{where}.image_url.url must be a non-empty string", "invalid_type")
+        return {"type": "image"}, url
+    raise bad_request(f"{where} has unsupported type {part['type']!r}; use 'text' or 'image_url'", "unsupported_content")
+
+
+def parse_messages(raw: Any) -> tuple[list[dict], list[str]]:
+    """OpenAI messages -> internal `{"role", "content": [parts]}` messages and their image URLs.
+
+    A `developer` message is the newer name of a system message and is treated as one.
+    """
+    if not isinstance(raw, list) or not raw:
+        raise bad_request("'messages' must be a non-empty array", "invalid_type")
+    messages: list[dict] = []
+    urls: list[str] = []
+    for i, message in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{where} must be an object", "invalid_type")
+        role = message.get("role")
+        if role not in ROLES:
+            raise bad_request(f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}", "unsupported_role")
+        if message.get("tool_calls"):
+            raise bad_request(f"{where}: tool calls are not supported", "unsupported_parameter")
+        content = message.get("content")
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = []
+            for j, raw_part in enumerate(content):
+                part, url = _parse_part(raw_part, f"{where}.content[{j}]")
+                parts.append(part)
+                if url is not None:
+                    urls.append(url)
+        else:
+            raise bad_request(f"{where}.content must be a string or an array of parts", "invalid_type")
+        messages.append({"role": "system" if role == "developer" else role, "content": parts})
+    return messages, urls
+
+
+def _parse_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+        raise bad_request("'stop' must be a non-empty string or an array of up to 4 of them", "invalid_type")
+    return tuple(stops)
+
+
+def _check_unsupported(body: dict) -> None:
+    for name, off in UNSUPPORTED_OPTIONS.items():
+        value = body.get(name)
+        if value is not None and value != off and value != []:
+            raise bad_request(f"'{name}' is not supported by this server", "unsupported_parameter")
+    n = _field(body, "n", _is_int, "an integer")
+    if n is not None and n != 1:
+        raise bad_request("only n=1 is supported", "unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise bad_request("only response_format {'type': 'text'} is supported", "unsupported_parameter")
+
+
+def parse_chat_request(body: Any, default_max_tokens: int) -> ChatRequest:
+    """Check a decoded JSON body and turn it into a `ChatRequest` (raises `ApiError`).
+
+    Fields this server does not know are ignored, as OpenAI clients send extras such as `user`;
+    fields it knows must have the right type, and options it cannot honour are refused rather
+    than silently dropped.
+    """
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", "invalid_type")
+    _check_unsupported(body)
+    model = _field(body, "model", lambda v: isinstance(v, str), "a string")
+    max_tokens = _field(body, "max_completion_tokens", _is_int, "an integer")
+    if max_tokens is None:
+        max_tokens = _field(body, "max_tokens", _is_int, "an integer")
+    if max_tokens is not None and max_tokens < 1:
+        raise bad_request("'max_tokens' must be at least 1")
+    temperature = _field(body, "temperature", _is_number, "a number")
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise bad_request("'temperature' must be between 0 and 2")
+    top_p = _field(body, "top_p", _is_number, "a number")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise bad_request("'top_p' must be in (0, 1]")
+    seed = _field(body, "seed", _is_int, "an integer")
+    stream = _field(body, "stream", lambda v: isinstance(v, bool), "a boolean") or False
+    stream_options = _field(body, "stream_options", lambda v: isinstance(v, dict), "an object") or {}
+    messages, urls = parse_messages(body.get("messages"))
+    params = SamplingParams(
+        max_new_tokens=max_tokens or default_max_tokens,
+        temperature=float(temperature or 0.0),
+        top_p=float(top_p if top_p is not None else 1.0),
+        seed=seed,
+        stop=_parse_stop(body.get("stop")),
+    )
+    return ChatRequest(messages, urls, params, stream, bool(stream_options.get("include_usage")), model)
+
+
+# ---- images ---------------------------------------------------------------------------------
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"image is {size} bytes, over the limit of {limit}", code="image_too_large")
+
+
+def _data_url_bytes(url: str, max_bytes: int) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise bad_request("an image data URL must be 'data:<type>;base64,<data>'", "invalid_image")
+    if len(payload) * 3 // 4 > max_bytes + 2:
+        raise _too_large(len(payload) * 3 // 4, max_bytes)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request("an image data URL holds invalid base64", "invalid_image") from None
+
+
+def _s3_bytes(url: str, max_bytes: int) -> bytes:
+    """Read an `s3://` object with the standard AWS variables, AWS_ENDPOINT_URL included."""
+    import s3fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else {})
+    try:
+        size = fs.size(url)
+        if size > max_bytes:
+            raise _too_large(size, max_bytes)
+        return fs.cat_file(url)
+    except (OSError, ValueError) as exc:
+        raise bad_request(f"cannot read {url}: {type(exc).__name__}: {exc}", "invalid_image") from None
+
+
+def _http_bytes(url: str, max_bytes: int, timeout_s: float) -> bytes:
+    """Download at most `max_bytes` + 1 bytes, so an endless body costs one bound read."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            data = response.read(max_bytes + 1)
+    except (OSError, ValueError) as exc:
+        raise bad_request(f"cannot download {url}: {exc}", "invalid_image") from None
+    if len(data) > max_bytes:
+        raise ApiError(413, f"image at {url} is over the limit of {max_bytes} bytes", code="image_too_large")
+    return data
+
+
+def fetch_image(url: str, max_bytes: int, allow_remote: bool, timeout_s: float = 10.0) -> bytes:
+    """The bytes behind an image URL: inline `data:`, `s3://`, or `http(s)://` when allowed.
+
+    Remote URLs are off by default because they let any client make the server fetch any address.
+    """
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "data":
+        return _data_url_bytes(url, max_bytes)
+    if scheme == "s3":
+        return _s3_bytes(url, max_bytes)
+    if scheme in ("http", "https"):
+        if not allow_remote:
+            raise bad_request(
+                "http(s) image URLs are disabled on this server (start it with --allow-remote-images); "
+                "send the image inline as a data: URL",
+                "remote_images_disabled",
+            )
+        return _http_bytes(url, max_bytes, timeout_s)
+    raise bad_request(f"unsupported image URL scheme {scheme!r}; use data:, s3:// or http(s)://", "invalid_image")
+
+
+# ---- replies --------------------------------------------------------------------------------
+
+
+def usage(result: GenerationResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.num_input_tokens,
+        "completion_tokens": result.num_output_tokens,
+        "total_tokens": result.num_input_tokens + result.num_output_tokens,
+    }
+
+
+def completion_body(request: ChatRequest, model: str, result: GenerationResult) -> dict[str, Any]:
+    """A `chat.completion` object for a finished result."""
+    return {
+        "id": request.request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.response},
+                "finish_reason": result.finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(result),
+    }
+
+
+def text_deltas(response: str, token_ids: list[int], decode: Callable[[list[int]], str]) -> list[str]:
+    """Split a finished answer into per-token text pieces whose concatenation is exactly `response`.
+
+    Each token's prefix is decoded; a prefix that is not yet a prefix of the answer (half of a
+    multi-byte character, or text past a stop string) waits for a later token, and whatever is
+    left at the end goes out as a last piece.
+    """
+    pieces: list[str] = []
+    sent = 0
+    for k in range(1, len(token_ids) + 1):
+        text = decode(token_ids[:k])
+        if len(text) > sent and response.startswith(text):
+            pieces.append(text[sent:])
+            sent = len(text)
+    if sent < len(response):
+        pieces.append(response[sent:])
+    return pieces
+
+
+def sse_events(request: ChatRequest, model: str, result: GenerationResult, deltas: list[str]) -> list[str]:
+    """Server-sent events for a finished answer in the `chat.completion.chunk` format, then [DONE]."""
+    created = int(time.time())
+
+    def chunk(delta: dict, finish_reason: str | None) -> dict[str, Any]:
+        return {
+            "id": request.request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        }
+
+    chunks = [chunk({"role": "assistant", "content": ""}, None)]
+    chunks += [chunk({"content": piece}, None) for piece in deltas]
+    chunks.append(chunk({}, result.finish_reason))
+    if request.include_usage:
+        chunks.append({**chunk({}, None), "choices": [], "usage": usage(result)})
+    return [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
+
+
+def engine_error(error: str) -> ApiError:
+    """An engine row error as an API error: prompt problems are the client's, the rest are ours."""
+    if error.startswith("prompt:"):
+        return bad_request(error.removeprefix("prompt:").strip(), "invalid_prompt")
+    return ApiError(500, error, "server_error", "generation_failed")

@@ -1,0 +1,324 @@
+"""The online endpoint: a Ray Serve deployment around the batch job's `Engine`, with an OpenAI API.
+
+Each replica owns one `Engine`. Requests are parsed, rendered with `Engine.render` and their
+images decoded and tiled (`pipeline.preprocess.prepare`) in the replica, off the event loop;
+`@serve.batch` then gathers concurrent requests into one `Engine.generate` call. Streaming
+replies are cut from the finished answer, so a streamed and a plain reply are always equal.
+
+Use `build_app` from a Serve config file (`serve run actors/serve_config.yaml`), or
+`python -m jobs.serve` on one machine.
+"""
+
+# No postponed annotations: FastAPI reads the route signatures at run time to find `Request`.
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import time
+import typing
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve import metrics
+from starlette.exceptions import HTTPException
+
+from actors import openai_api as api
+from actors.engine import Engine
+from pipeline.config import ConfigError, EngineConfig, ImageLimits
+from pipeline.preprocess import ImageError, PreparedImage, prepare
+from pipeline.schemas import GenerationRequest, GenerationResult
+
+# Serve's own logger: its lines land in the replica's log file, tagged with the request id.
+log = logging.getLogger("ray.serve")
+
+APP_NAME = "llava"
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"expected a boolean; got {text!r}")
+
+
+_CONVERTERS: dict[type, Any] = {int: int, float: float, bool: _parse_bool, str: str}
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything one Serve application needs: the engine, the replicas, batching and limits.
+
+    `gpus_per_replica=None` means one GPU when the cluster has any, else none;
+    `max_queued_requests=-1` leaves the queue unbounded.
+    """
+
+    model: str
+    max_new_tokens: int = 128
+    prompt_format: str = "auto"
+    dtype: str = "auto"
+    attn: str = "sdpa"
+    quantization: str = "none"
+    replicas: int = 1
+    gpus_per_replica: float | None = None
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 64
+    max_batch_size: int = 8
+    batch_wait_ms: float = 20.0
+    api_key: str | None = None
+    allow_remote_images: bool = False
+    max_image_bytes: int = ImageLimits().max_bytes
+    max_image_pixels: int = ImageLimits().max_pixels
+    max_body_bytes: int = 128 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        self.engine_config()
+        ImageLimits(self.max_image_bytes, self.max_image_pixels)
+        for name in ("replicas", "max_ongoing_requests", "max_batch_size", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
+            raise ConfigError("max_queued_requests must be positive, or -1 for no bound")
+        if self.batch_wait_ms < 0 or (self.gpus_per_replica is not None and self.gpus_per_replica < 0):
+            raise ConfigError("batch_wait_ms and gpus_per_replica must not be negative")
+        if self.api_key == "":
+            raise ConfigError("api_key must not be empty; leave it unset to disable authentication")
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> "ServeOptions":
+        """Options from a Serve config's `args` or `serve run key=value` pairs (strings are converted)."""
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - set(fields))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+        values = {}
+        for name, value in args.items():
+            kinds = typing.get_args(fields[name]) or (fields[name],)
+            if isinstance(value, str) and type(None) in kinds and value.lower() in ("", "none", "null"):
+                value = None
+            elif isinstance(value, str):
+                value = _CONVERTERS[kinds[0]](value)
+            values[name] = value
+        return cls(**values)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model, dtype=self.dtype, attn_implementation=self.attn, quantization=self.quantization,
+            max_new_tokens=self.max_new_tokens, prompt_format=self.prompt_format,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The options for the start-up log, with the API key hidden."""
+        return {**dataclasses.asdict(self), "api_key": "***" if self.api_key else None}
+
+
+@dataclass
+class BatchStats:
+    """Counts of the batches a replica ran, so clients and tests can see batching happen."""
+
+    requests: int = 0
+    batches: int = 0
+    max_batch_size: int = 0
+    batch_sizes: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    def record(self, size: int) -> None:
+        self.requests += size
+        self.batches += 1
+        self.max_batch_size = max(self.max_batch_size, size)
+        self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
+
+
+def error_response(exc: api.ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+app = FastAPI(title="LLaVA-NeXT", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Unknown routes and methods answer in the OpenAI error shape too."""
+    return error_response(api.ApiError(exc.status_code, str(exc.detail), "invalid_request_error", "not_found"))
+
+
+@serve.deployment
+@serve.ingress(app)
+class LlavaNextServer:
+    """One replica: the engine, the HTTP routes, and the batcher in front of `Engine.generate`."""
+
+    def __init__(self, options: ServeOptions):
+        self.options = options
+        self.engine = Engine(options.engine_config())
+        self.limits = ImageLimits(options.max_image_bytes, options.max_image_pixels)
+        self.stats = BatchStats()
+        # One thread runs the model, so the event loop keeps parsing and preparing new requests.
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        self._generate_batch.set_max_batch_size(options.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(options.batch_wait_ms / 1000.0)
+        self._requests = metrics.Counter(
+            "llava_requests", "Chat requests by HTTP status.", tag_keys=("status",)
+        )
+        self._batch_size = metrics.Histogram(
+            "llava_batch_size", "Requests per Engine.generate call.", boundaries=[1, 2, 4, 8, 16, 32, 64]
+        )
+        self._latency = metrics.Histogram(
+            "llava_request_latency_ms", "End-to-end request latency in the replica.",
+            boundaries=[10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000],
+        )
+        log.info("replica ready: %s", json.dumps(options.describe()))
+
+    # ---- routes -------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except api.ApiError as exc:
+            return error_response(exc)
+        model = {"id": self.engine.model_name, "object": "model", "created": 0, "owned_by": "llava-next-ray"}
+        return JSONResponse({"object": "list", "data": [model]})
+
+    @app.get("/v1/stats")
+    async def batch_stats(self, request: Request) -> Response:
+        """This replica's batch counts (each replica answers for itself)."""
+        try:
+            self._authorize(request)
+        except api.ApiError as exc:
+            return error_response(exc)
+        return JSONResponse(dataclasses.asdict(self.stats))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        start = time.perf_counter()
+        try:
+            self._authorize(request)
+            chat = api.parse_chat_request(await self._read_json(request), self.options.max_new_tokens)
+            if chat.model not in (None, self.engine.model_name, self.options.model):
+                raise api.ApiError(
+                    404, f"model {chat.model!r} is not served here; use {self.engine.model_name!r}",
+                    code="model_not_found",
+                )
+            prompt = self._render(chat.messages)
+            images = await asyncio.gather(*(asyncio.to_thread(self._prepare, url) for url in chat.image_urls))
+            result = await self._generate_batch(
+                GenerationRequest(prompt, [i.tiles for i in images], [i.size for i in images], chat.params)
+            )
+            if result.error is not None:
+                raise api.engine_error(result.error)
+        except api.ApiError as exc:
+            self._observe(exc.status, start)
+            log.info("request refused with %d: %s", exc.status, exc.message)
+            return error_response(exc)
+        except Exception as exc:  # whatever goes wrong, this request fails alone and the replica lives
+            self._observe(500, start)
+            log.exception("request failed")
+            return error_response(api.ApiError(500, f"{type(exc).__name__}: {exc}", "server_error", "internal_error"))
+        ms = self._observe(200, start)
+        log.info(
+            "request %s: %d image(s), %d prompt + %d completion tokens, finish %s, %.0f ms",
+            chat.request_id, len(images), result.num_input_tokens, result.num_output_tokens, result.finish_reason, ms,
+        )
+        model = self.engine.model_name
+        if not chat.stream:
+            return JSONResponse(api.completion_body(chat, model, result))
+        deltas = api.text_deltas(result.response, result.token_ids, self._decode)
+        return StreamingResponse(iter(api.sse_events(chat, model, result, deltas)), media_type="text/event-stream")
+
+    # ---- batching -----------------------------------------------------------------------------
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Concurrent requests, gathered by Serve, answered by one `Engine.generate` call."""
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._model_thread, self.engine.generate, requests)
+        self.stats.record(len(requests))
+        self._batch_size.observe(len(requests))
+        log.info("batch of %d request(s) in %.0f ms", len(requests), (time.perf_counter() - start) * 1000.0)
+        return results
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        key = self.options.api_key
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise api.ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                               "authentication_error", "invalid_api_key")
+
+    async def _read_json(self, request: Request) -> Any:
+        """The body as JSON, read no further than the body limit."""
+        limit = self.options.max_body_bytes
+        too_large = api.ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except ValueError as exc:
+            raise api.bad_request(f"the body is not valid JSON: {exc}", "invalid_json") from None
+
+    def _render(self, messages: list[dict]) -> str:
+        """The prompt for a conversation; any failure to render depends on the request alone, so is a 400."""
+        try:
+            return self.engine.render(messages)
+        except Exception as exc:
+            raise api.bad_request(f"cannot build the prompt: {exc}", "invalid_prompt") from None
+
+    def _prepare(self, url: str) -> PreparedImage:
+        data = api.fetch_image(url, self.limits.max_bytes, self.options.allow_remote_images)
+        try:
+            return prepare(data, self.engine.spec, self.limits)
+        except ImageError as exc:
+            if "over the limit" in str(exc):
+                raise api.ApiError(413, str(exc), code="image_too_large") from None
+            raise api.bad_request(f"cannot decode the image: {exc}", "invalid_image") from None
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _observe(self, status: int, start: float) -> float:
+        ms = (time.perf_counter() - start) * 1000.0
+        self._requests.inc(tags={"status": str(status)})
+        self._latency.observe(ms)
+        return ms
+
+
+def gpus_for(options: ServeOptions) -> float:
+    """The GPUs each replica asks for: as configured, else one when the cluster has any."""
+    if options.gpus_per_replica is not None:
+        return options.gpus_per_replica
+    return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def application(options: ServeOptions) -> serve.Application:
+    """The bound application for `serve.run`, with the replica options applied."""
+    return LlavaNextServer.options(
+        num_replicas=options.replicas,
+        max_ongoing_requests=options.max_ongoing_requests,
+        max_queued_requests=options.max_queued_requests,
+        ray_actor_options={"num_gpus": gpus_for(options)},
+    ).bind(options)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Application builder for Serve config files and `serve run actors.serve_app:build_app model=DIR`."""
+    return application(ServeOptions.from_args(args))

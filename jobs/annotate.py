@@ -1,0 +1,139 @@
+"""Annotate a Parquet manifest of images with LLaVA-NeXT on Ray; write the answers as Parquet.
+
+Usage: python -m jobs.annotate --input URI --output URI --model DIR [options]
+The same command runs under `ray job submit -- python -m jobs.annotate ...` on a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from pipeline.config import (
+    ATTN_IMPLEMENTATIONS,
+    DEFAULT_QUESTION,
+    DTYPES,
+    PROMPT_FORMATS,
+    QUANTIZATIONS,
+    AnnotateConfig,
+    ConfigError,
+    EngineConfig,
+    ImageLimits,
+    parse_actors,
+    to_dict,
+)
+
+log = logging.getLogger("jobs.annotate")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.annotate", description=__doc__.splitlines()[0])
+    io = p.add_argument_group("data")
+    io.add_argument("--input", required=True, help="manifest: Parquet file, directory/prefix or glob; local or s3://")
+    io.add_argument("--output", required=True, help="output directory or s3:// prefix for Parquet results")
+    io.add_argument("--id-column", default="id", help="manifest column holding unique row ids (default: id)")
+    io.add_argument("--keep-columns", default="", help="comma-separated manifest columns copied to the output")
+    io.add_argument("--limit", type=int, help="process only the first N rows")
+    io.add_argument("--overwrite", action="store_true", help="replace an output that already holds results")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", required=True, help="checkpoint directory (saved with save_pretrained)")
+    m.add_argument("--prompt", default=DEFAULT_QUESTION, help="question for rows whose prompt is null or missing")
+    m.add_argument("--prompt-format", default="auto", choices=PROMPT_FORMATS, help="prompt layout (default: auto)")
+    m.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit in tokens")
+    m.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding (default)")
+    m.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
+    m.add_argument("--seed", type=int, help="sampling seed")
+    m.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on GPU, float32 on CPU")
+    m.add_argument("--attn", default="sdpa", choices=ATTN_IMPLEMENTATIONS, help="attention implementation")
+    m.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="bitsandbytes weight quantization")
+    r = p.add_argument_group("resources")
+    r.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default: 8)")
+    r.add_argument("--preprocess-batch-size", type=int, default=16, help="rows per CPU preprocessing task")
+    r.add_argument("--actors", type=parse_actors, help="generation actors: N or MIN-MAX (default: one per GPU)")
+    r.add_argument("--gpus-per-actor", type=float, help="GPUs per generation actor (default: 1 if the cluster has GPUs)")
+    r.add_argument("--cpu-workers", type=int, help="max concurrent CPU preprocessing tasks (default: Ray decides)")
+    r.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds before an image fetch fails")
+    r.add_argument("--max-image-bytes", type=int, default=ImageLimits.max_bytes, help="larger images are row errors")
+    r.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels, help="larger images are row errors")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local or RAY_ADDRESS)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
+    engine = EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        attn_implementation=args.attn,
+        quantization=args.quantization,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        prompt_format=args.prompt_format,
+    )
+    return AnnotateConfig(
+        input=args.input,
+        output=args.output,
+        engine=engine,
+        prompt=args.prompt,
+        id_column=args.id_column,
+        keep_columns=tuple(c.strip() for c in args.keep_columns.split(",") if c.strip()),
+        limit=args.limit,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        preprocess_batch_size=args.preprocess_batch_size,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        cpu_workers=args.cpu_workers,
+        fetch_timeout_s=args.fetch_timeout,
+        limits=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels),
+    )
+
+
+def run(cfg: AnnotateConfig) -> dict[str, Any]:
+    """Run the whole job on the connected Ray cluster and return its summary."""
+    from pipeline.build import build_plan
+    from pipeline.read import arrow_filesystem, filesystem
+    from pipeline.write import CONFIG_FILE, SUMMARY_FILE, prepare_output, summarize, write_json
+
+    start = time.perf_counter()
+    ds, rows_in = build_plan(cfg)
+    prepare_output(cfg.output, cfg.overwrite)
+    write_json(cfg.output, CONFIG_FILE, to_dict(cfg))
+    fs, path = filesystem(cfg.output)
+    ds.write_parquet(path, filesystem=arrow_filesystem(fs))
+    summary = summarize(cfg.output, rows_in, time.perf_counter() - start)
+    write_json(cfg.output, SUMMARY_FILE, summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        parser().error(str(exc))
+    log.info("configuration: %s", json.dumps(to_dict(cfg), default=str))
+    import ray
+
+    from pipeline.read import ManifestError
+    from pipeline.write import OutputExistsError, summary_table
+
+    ray.init(address=args.ray_address, ignore_reinit_error=True, include_dashboard=False)
+    try:
+        summary = run(cfg)
+    except (ManifestError, OutputExistsError) as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}")
+        return 2
+    print(summary_table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

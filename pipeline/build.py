@@ -1,0 +1,92 @@
+"""Assemble the Ray Data plan: read -> CPU anyres + prompts -> generation actors -> (write).
+
+Sizing decisions live here, made from the configuration and the cluster's resources, and are
+logged so a user can see why the plan is shaped the way it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pipeline.config import AnnotateConfig
+from pipeline.preprocess import StageConfig, prepare_batch
+from pipeline.read import ManifestColumns, inspect_manifest, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How the generation stage is placed on the cluster."""
+
+    actors: tuple[int, int]
+    gpus_per_actor: float
+    cpus_per_actor: float
+
+
+def plan_resources(cfg: AnnotateConfig, cluster: dict[str, float]) -> Resources:
+    """One GPU per actor and one actor per GPU by default; a CPU-only cluster gets CPU actors."""
+    gpus = int(cluster.get("GPU", 0))
+    gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    if gpus_per_actor == 0:
+        log.info("no GPU requested or found in the cluster: generation actors run on CPU")
+    if cfg.actors is not None:
+        actors = cfg.actors
+    else:
+        count = max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1
+        actors = (count, count)
+    return Resources(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=1.0)
+
+
+def stage_config(cfg: AnnotateConfig, columns: ManifestColumns) -> StageConfig:
+    return StageConfig(
+        model=cfg.engine.model,
+        prompt_format=cfg.engine.prompt_format,
+        question=cfg.prompt,
+        id_column=columns.id,
+        image_column=columns.image,
+        prompt_column=columns.prompt,
+        keep=columns.keep,
+        limits=cfg.limits,
+        fetch_timeout_s=cfg.fetch_timeout_s,
+        fetch_threads=cfg.fetch_threads,
+    )
+
+
+def build_plan(cfg: AnnotateConfig):
+    """The lazy Dataset of output rows, and the number of input rows it covers."""
+    import ray
+
+    from actors.predictor import Predictor
+
+    files, columns = inspect_manifest(cfg.input, cfg.id_column, cfg.keep_columns)
+    ds = read_manifest(cfg.input, files, columns)
+    if cfg.limit is not None:
+        ds = ds.limit(cfg.limit)
+    rows_in = ds.count()
+    res = plan_resources(cfg, ray.cluster_resources())
+    log.info("plan: %d rows from %d files; %s", rows_in, len(files), res)
+    ds = ds.map_batches(
+        prepare_batch,
+        fn_kwargs={"cfg": stage_config(cfg, columns)},
+        batch_size=cfg.preprocess_batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.TaskPoolStrategy(size=cfg.cpu_workers),
+        num_cpus=1,
+        udf_modifying_row_count=False,
+        # Spread image work over every node's CPUs. Differing remote args also keep Ray from
+        # fusing this stage into the generation actors, so it scales apart from the model.
+        scheduling_strategy="SPREAD",
+    )
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"engine_cfg": cfg.engine, "id_column": columns.id, "keep": columns.keep},
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=res.actors[0], max_size=res.actors[1]),
+        num_gpus=res.gpus_per_actor,
+        num_cpus=res.cpus_per_actor,
+        udf_modifying_row_count=False,
+    )
+    return ds, rows_in

@@ -1,0 +1,147 @@
+"""Manifest side: find the Parquet files, check their columns, read them, fetch image bytes.
+
+Local paths, `file://` and `s3://` go through fsspec (s3fs takes credentials and the endpoint
+from the standard AWS variables, `AWS_ENDPOINT_URL` included); `http(s)://` images through
+urllib with a bounded timeout.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+IMAGE_COLUMNS = ("image", "images")
+
+
+class ManifestError(ValueError):
+    """A manifest the job cannot read; stops the job before any work starts."""
+
+
+class FetchError(ValueError):
+    """An image source that cannot be read (reported as its row's error)."""
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for a URI and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> PyFileSystem:
+    """Wrap fsspec for pyarrow and Ray Data, so every store is reached the same way."""
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def manifest_files(uri: str) -> list[str]:
+    """A Parquet file, a directory or prefix of Parquet files, or a glob -> the files (sorted)."""
+    fs, path = filesystem(uri)
+    if globlib.has_magic(path):
+        files = fs.glob(path)
+    elif fs.isdir(path):
+        files = [f for f in fs.find(path) if f.endswith(".parquet") and "/_" not in f[len(path) :]]
+    elif fs.exists(path):
+        files = [path]
+    else:
+        raise ManifestError(f"manifest {uri} does not exist")
+    files = sorted(f for f in files if not fs.isdir(f))
+    if not files:
+        raise ManifestError(f"manifest {uri} holds no Parquet files")
+    return files
+
+
+@dataclass(frozen=True)
+class ManifestColumns:
+    """Which columns the job reads from a manifest."""
+
+    id: str
+    image: str
+    prompt: str | None
+    keep: tuple[str, ...]
+
+    @property
+    def names(self) -> list[str]:
+        cols = [self.id, self.image] + ([self.prompt] if self.prompt else []) + list(self.keep)
+        return list(dict.fromkeys(cols))
+
+
+def check_columns(schema: pa.Schema, id_column: str, keep: tuple[str, ...], where: str) -> ManifestColumns:
+    """Fail fast, naming the columns found, when the manifest lacks what the job needs."""
+    found = list(schema.names)
+    images = [c for c in IMAGE_COLUMNS if c in found]
+    problems = []
+    if id_column not in found:
+        problems.append(f"no id column {id_column!r} (use --id-column to name another)")
+    if not images:
+        problems.append("no image column: expected 'image' or 'images'")
+    missing_keep = [c for c in keep if c not in found]
+    if missing_keep:
+        problems.append(f"no columns {missing_keep} to keep")
+    if problems:
+        raise ManifestError(f"manifest {where}: {'; '.join(problems)}. Columns found: {', '.join(found)}")
+    return ManifestColumns(id_column, images[0], "prompt" if "prompt" in found else None, tuple(keep))
+
+
+def inspect_manifest(uri: str, id_column: str, keep: tuple[str, ...]) -> tuple[list[str], ManifestColumns]:
+    """The manifest's files and checked columns (from the first file's schema)."""
+    fs, _ = filesystem(uri)
+    files = manifest_files(uri)
+    schema = pq.read_schema(files[0], filesystem=arrow_filesystem(fs))
+    return files, check_columns(schema, id_column, keep, uri)
+
+
+def read_manifest(uri: str, files: list[str], columns: ManifestColumns):
+    """The manifest as a Ray Dataset of just the needed columns."""
+    import ray
+
+    fs, _ = filesystem(uri)
+    return ray.data.read_parquet(files, filesystem=arrow_filesystem(fs), columns=columns.names)
+
+
+def image_sources(value: Any, column: str) -> list[Any]:
+    """The image sources of one row: a list for `images`, a single source for `image`."""
+    if value is None:
+        raise FetchError("null image")
+    if column == "images":
+        sources = list(value)
+        if not sources:
+            raise FetchError("empty image list")
+        return sources
+    return [value]
+
+
+def fetch(source: Any, timeout_s: float, max_bytes: int) -> bytes:
+    """Bytes of one image source: inline bytes, an HF `{bytes, path}` struct, or a URI."""
+    if source is None:
+        raise FetchError("null image")
+    if isinstance(source, dict):
+        if source.get("bytes") is not None:
+            return bytes(source["bytes"])
+        if source.get("path"):
+            return fetch(source["path"], timeout_s, max_bytes)
+        raise FetchError("image struct has neither bytes nor path")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if not isinstance(source, str):
+        raise FetchError(f"unsupported image value of type {type(source).__name__}")
+    try:
+        if source.startswith(("http://", "https://")):
+            with urllib.request.urlopen(source, timeout=timeout_s) as response:
+                data = response.read(max_bytes + 1)
+        else:
+            fs, path = filesystem(source)
+            with fs.open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise FetchError(f"no such file or object: {source}") from None
+    except Exception as exc:  # network and store errors come in many types; the row just fails
+        raise FetchError(f"{source}: {type(exc).__name__}: {exc}") from None
+    if len(data) > max_bytes:
+        raise FetchError(f"{source} is over the limit of {max_bytes} bytes")
+    return data
