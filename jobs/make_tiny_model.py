@@ -40,7 +40,8 @@ PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
 # A Mistral-layout chat template: system text leads the first user turn; an image part is
-# followed by a newline when text follows it, matching the named `mistral` prompt format.
+# followed by a newline when text follows it (unless that text starts with whitespace), matching
+# the named `mistral` prompt format.
 CHAT_TEMPLATE = (
     "{%- set ns = namespace(system='', first=true) -%}"
     "{%- for m in messages if m['role'] == 'system' -%}"
@@ -57,7 +58,7 @@ CHAT_TEMPLATE = (
     "{%- else -%}{%- for p in m['content'] -%}"
     "{%- if p['type'] == 'image' -%}{{ '<image>' }}"
     "{%- if not loop.last and m['content'][loop.index0 + 1]['type'] == 'text'"
-    " and not m['content'][loop.index0 + 1]['text'].startswith('\\n') -%}{{ '\\n' }}{%- endif -%}"
+    " and not (m['content'][loop.index0 + 1]['text'][:1]).isspace() -%}{{ '\\n' }}{%- endif -%}"
     "{%- elif p['type'] == 'text' -%}{{ p['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- if m['role'] == 'user' -%}{{ ' [/INST]' }}{%- else -%}{{ ' ' }}{%- endif -%}"

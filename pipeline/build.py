@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pipeline.config import AnnotateConfig
 from pipeline.preprocess import StageConfig, prepare_batch
-from pipeline.read import ManifestColumns, inspect_manifest, read_manifest
+from pipeline.read import ManifestColumns, count_rows, inspect_manifest, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,11 @@ def stage_config(cfg: AnnotateConfig, columns: ManifestColumns) -> StageConfig:
     )
 
 
+def preprocess_memory(cfg: AnnotateConfig) -> int:
+    """Bytes one preprocessing task reserves: the decode peak of one image at the pixel limit."""
+    return 4 * cfg.limits.max_pixels + 256 * 1024 * 1024
+
+
 def build_plan(cfg: AnnotateConfig):
     """The lazy Dataset of output rows, and the number of input rows it covers."""
     import ray
@@ -62,9 +67,10 @@ def build_plan(cfg: AnnotateConfig):
 
     files, columns = inspect_manifest(cfg.input, cfg.id_column, cfg.keep_columns)
     ds = read_manifest(cfg.input, files, columns)
+    rows_in = count_rows(cfg.input, files)
     if cfg.limit is not None:
         ds = ds.limit(cfg.limit)
-    rows_in = ds.count()
+        rows_in = min(rows_in, cfg.limit)
     res = plan_resources(cfg, ray.cluster_resources())
     log.info("plan: %d rows from %d files; %s", rows_in, len(files), res)
     ds = ds.map_batches(
@@ -74,10 +80,11 @@ def build_plan(cfg: AnnotateConfig):
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=cfg.cpu_workers),
         num_cpus=1,
+        # Decoding holds about four bytes per pixel of the largest allowed image; reserving it
+        # keeps big images from oversubscribing a node. Having its own resource shape also keeps
+        # Ray from fusing this stage into the generation actors, so it scales apart from them.
+        memory=preprocess_memory(cfg),
         udf_modifying_row_count=False,
-        # Spread image work over every node's CPUs. Differing remote args also keep Ray from
-        # fusing this stage into the generation actors, so it scales apart from the model.
-        scheduling_strategy="SPREAD",
     )
     ds = ds.map_batches(
         Predictor,

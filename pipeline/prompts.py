@@ -110,14 +110,18 @@ def question_parts(question: str, num_images: int) -> list[dict]:
 
 
 def _content_text(content: str | list[dict]) -> str:
-    """Render one message's parts as text; an image part directly followed by text takes a newline."""
+    """Render one message's parts as text.
+
+    An image directly followed by text takes a newline (the layout the checkpoints were trained
+    on), unless the text already starts with whitespace, so inline placeholders read as written.
+    """
     if isinstance(content, str):
         return content
     out: list[str] = []
     for i, part in enumerate(content):
         if part["type"] == "image":
             nxt = content[i + 1] if i + 1 < len(content) else None
-            needs_newline = nxt is not None and nxt["type"] == "text" and not nxt["text"].startswith("\n")
+            needs_newline = nxt is not None and nxt["type"] == "text" and not nxt["text"][:1].isspace()
             out.append(IMAGE_TOKEN + ("\n" if needs_newline else ""))
         else:
             out.append(part["text"])

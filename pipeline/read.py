@@ -96,6 +96,12 @@ def inspect_manifest(uri: str, id_column: str, keep: tuple[str, ...]) -> tuple[l
     return files, check_columns(schema, id_column, keep, uri)
 
 
+def count_rows(uri: str, files: list[str]) -> int:
+    """Rows in the manifest, from the Parquet footers alone."""
+    fs = arrow_filesystem(filesystem(uri)[0])
+    return sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files)
+
+
 def read_manifest(uri: str, files: list[str], columns: ManifestColumns):
     """The manifest as a Ray Dataset of just the needed columns."""
     import ray

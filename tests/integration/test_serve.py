@@ -1,0 +1,268 @@
+"""The Serve endpoint over real HTTP on loopback, driven by the official `openai` client.
+
+Answers are compared with the plain transformers reference (processor + `generate`, greedy) on
+the same messages, so batching, streaming and image handling are checked for what a user sees.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.helpers import encode, noise_image
+
+pytestmark = pytest.mark.integration
+
+API_KEY = "test-key"
+MAX_TOKENS = 12
+CONCURRENT = 16
+
+
+def http(url: str, body: bytes | None = None, key: str | None = API_KEY) -> tuple[int, str]:
+    """Status and text of a GET (or a POST when there is a body), errors included."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(url, data=body, headers={**headers, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_url(image) -> str:
+    return "data:image/png;base64," + base64.b64encode(encode(image)).decode()
+
+
+def to_internal(messages: list[dict]) -> list[dict]:
+    """OpenAI messages -> the internal shape the reference's chat template takes."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        parts = [{"type": "image"} if p["type"] == "image_url" else p for p in content]
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+@pytest.fixture(scope="module")
+def expected(reference):
+    """`expected(messages, images)`: the transformers answer for OpenAI messages and PIL images."""
+    import torch
+
+    processor, model = reference
+
+    def answer(messages: list[dict], images: list) -> str:
+        prompt = processor.apply_chat_template(to_internal(messages), add_generation_prompt=True, tokenize=False)
+        inputs = processor(images=images or None, text=prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)
+        return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    return answer
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny_model):
+    """The application on a free loopback port, small limits so the 413 cases stay cheap.
+
+    A burst of requests waits in the proxy's queue until each is routed, so the queue bound
+    must hold the largest burst that should succeed (16 here).
+    """
+    from ray import serve
+
+    from actors.serve_app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {
+        "model": tiny_model, "max_new_tokens": MAX_TOKENS, "api_key": API_KEY, "gpus_per_replica": 0,
+        "max_batch_size": 8, "batch_wait_ms": 100, "max_ongoing_requests": CONCURRENT, "max_queued_requests": 32,
+        "max_image_bytes": 1_000_000, "max_image_pixels": 1_000_000, "max_body_bytes": 3_000_000,
+    }
+    serve.run(build_app(args), name="llava-test", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_id(client) -> str:
+    return client.models.list().data[0].id
+
+
+def ask(client, model_id: str, messages: list[dict], stream: bool = False):
+    return client.chat.completions.create(model=model_id, messages=messages, max_tokens=MAX_TOKENS, stream=stream)
+
+
+def image_question(image, question: str = "What is shown in this image?") -> list[dict]:
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(image)}}, {"type": "text", "text": question},
+    ]}]
+
+
+def test_health_and_models(server, model_id, tiny_model):
+    assert http(f"{server}/health") == (200, '{"status":"ok"}')
+    assert model_id == tiny_model.rstrip("/").split("/")[-1]
+
+
+def test_streamed_equals_plain_equals_reference(client, model_id, expected):
+    image = noise_image(50, 30, seed=1)
+    messages = image_question(image)
+    plain = ask(client, model_id, messages)
+    chunks = list(ask(client, model_id, messages, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert plain.choices[0].message.content == streamed == expected(messages, [image])
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason == "length"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    usage = plain.usage
+    assert usage.completion_tokens == MAX_TOKENS
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens > MAX_TOKENS
+
+
+def test_multi_turn_and_two_images(client, model_id, expected):
+    first, second = noise_image(40, 40, seed=2), noise_image(30, 70, seed=3)
+    multi_turn = [
+        {"role": "system", "content": "Answer the questions."},
+        *image_question(first),
+        {"role": "assistant", "content": "A small object."},
+        {"role": "user", "content": [{"type": "text", "text": "What colour is the shape?"}]},
+    ]
+    two_images = [{"role": "user", "content": [
+        {"type": "text", "text": "The first image"},
+        {"type": "image_url", "image_url": {"url": data_url(first)}},
+        {"type": "text", "text": "and the second image"},
+        {"type": "image_url", "image_url": {"url": data_url(second)}},
+        {"type": "text", "text": "differ in size and colour?"},
+    ]}]
+    assert ask(client, model_id, multi_turn).choices[0].message.content == expected(multi_turn, [first])
+    assert ask(client, model_id, two_images).choices[0].message.content == expected(two_images, [first, second])
+
+
+def test_s3_image(client, model_id, expected, s3_server):
+    image = noise_image(48, 36, seed=5)
+    s3_server.mkdir("serve-images")
+    s3_server.pipe_file("serve-images/one.png", encode(image))
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "s3://serve-images/one.png"}}, {"type": "text", "text": "What?"},
+    ]}]
+    assert ask(client, model_id, messages).choices[0].message.content == expected(messages, [image])
+
+
+def test_concurrent_clients_get_their_own_answers_in_batches(server, client, model_id, expected):
+    sizes = [(40, 40), (64, 32), (30, 90)]
+    images = [noise_image(*sizes[i % len(sizes)], seed=100 + i) for i in range(CONCURRENT)]
+    barrier = threading.Barrier(CONCURRENT)
+
+    def one(image) -> str:
+        barrier.wait()
+        return ask(client, model_id, image_question(image)).choices[0].message.content
+
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        answers = list(pool.map(one, images))
+    assert answers == [expected(image_question(image), [image]) for image in images]
+    assert len(set(answers)) > 1  # the images really lead to different answers
+    stats = json.loads(http(f"{server}/v1/stats")[1])
+    assert stats["max_batch_size"] > 1, stats
+
+
+def _post(server: str, body: dict | bytes, key: str | None = API_KEY) -> tuple[int, str]:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return http(f"{server}/v1/chat/completions", content, key)
+
+
+def _chat(image_url: str | None = None, text: str = "What is this?", **extra) -> dict:
+    parts = [{"type": "text", "text": text}]
+    if image_url is not None:
+        parts.insert(0, {"type": "image_url", "image_url": {"url": image_url}})
+    return {"messages": [{"role": "user", "content": parts}], **extra}
+
+
+@pytest.fixture(scope="module")
+def urls() -> dict[str, str]:
+    """A good image, one over the byte limit and one over the pixel limit of the test server."""
+    from PIL import Image
+
+    return {
+        "good": data_url(noise_image(20, 20)),
+        "big_bytes": data_url(noise_image(700, 700)),
+        "big_pixels": data_url(Image.new("RGB", (1200, 1000), "white")),
+    }
+
+
+# name -> (body from the urls, API key to send, expected status)
+ERROR_CASES = {
+    "malformed json": (lambda u: b'{"messages": [', API_KEY, 400),
+    "wrong field type": (lambda u: _chat(max_tokens="ten"), API_KEY, 400),
+    "content not a string or parts": (lambda u: {"messages": [{"role": "user", "content": 5}]}, API_KEY, 400),
+    "undecodable image": (
+        lambda u: _chat("data:image/png;base64," + base64.b64encode(b"not an image").decode()), API_KEY, 400
+    ),
+    "invalid base64": (lambda u: _chat("data:image/png;base64,@@@"), API_KEY, 400),
+    "placeholder mismatch": (lambda u: _chat(u["good"], text="<image> and <image>?"), API_KEY, 400),
+    "n > 1": (lambda u: _chat(n=2), API_KEY, 400),
+    "tools": (lambda u: _chat(tools=[{"type": "function", "function": {"name": "f"}}]), API_KEY, 400),
+    "logprobs": (lambda u: _chat(logprobs=True), API_KEY, 400),
+    "remote image not allowed": (lambda u: _chat("http://127.0.0.1:9/x.png"), API_KEY, 400),
+    "body over the limit": (lambda u: _chat(text="x" * 3_100_000), API_KEY, 413),
+    "image bytes over the limit": (lambda u: _chat(u["big_bytes"]), API_KEY, 413),
+    "image pixels over the limit": (lambda u: _chat(u["big_pixels"]), API_KEY, 413),
+    "unknown model": (lambda u: _chat(model="gpt-4o"), API_KEY, 404),
+    "missing key": (lambda u: _chat(), None, 401),
+    "wrong key": (lambda u: _chat(), "nope", 401),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_errors_are_openai_shaped_and_harmless(server, urls, case):
+    make_body, key, status = ERROR_CASES[case]
+    got, text = _post(server, make_body(urls), key=key)
+    assert got == status, text
+    error = json.loads(text)["error"]
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and "code" in error
+    assert _post(server, _chat(urls["good"]))[0] == 200
+
+
+def test_full_queue_answers_503_not_a_hang(server):
+    """16 ongoing + 32 queued fit; of 96 simultaneous requests the rest are turned away at once.
+
+    The 503 comes from Serve's proxy, whose body is plain text, not the OpenAI error shape.
+    """
+    barrier = threading.Barrier(96)
+
+    def one(_) -> tuple[int, float]:
+        barrier.wait()
+        start = time.perf_counter()
+        status = _post(server, _chat(max_tokens=200))[0]
+        return status, time.perf_counter() - start
+
+    with ThreadPoolExecutor(96) as pool:
+        outcomes = list(pool.map(one, range(96)))
+    statuses = [status for status, _ in outcomes]
+    assert statuses.count(503) > 0 and set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= CONCURRENT
+    assert max(seconds for status, seconds in outcomes if status == 503) < 5.0
+    assert _post(server, _chat())[0] == 200
