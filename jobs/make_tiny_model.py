@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,35 @@ CROP = 32
 PATCH = 8
 PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+
+@dataclass(frozen=True)
+class TinyArch:
+    """Sizes of a tiny checkpoint; the defaults are the random test model, larger ones train.
+
+    `vision_feature_layer` -2 is LLaVA's choice (the last CLIP layer then goes unused);
+    `initializer_range` 0.1 makes an untrained model's greedy answers differ between images.
+    """
+
+    crop: int = CROP
+    patch: int = PATCH
+    pinpoints: tuple[tuple[int, int], ...] = tuple(tuple(p) for p in PINPOINTS)
+    text_width: int = 64
+    text_layers: int = 2
+    vision_width: int = 64
+    vision_layers: int = 2
+    vision_feature_layer: int = -2
+    initializer_range: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.text_width % 64 or self.vision_width % 64:
+            raise ValueError("hidden sizes must be multiples of 64 so that bitsandbytes can quantize them")
+        if self.crop % self.patch or any(side % self.crop for p in self.pinpoints for side in p):
+            raise ValueError("the crop must be a multiple of the patch and every pinpoint a multiple of the crop")
+
+    @property
+    def pinpoint_lists(self) -> list[list[int]]:
+        return [list(p) for p in self.pinpoints]
 
 # A Mistral-layout chat template: system text leads the first user turn; an image part is
 # followed by a newline when text follows it (unless that text starts with whitespace), matching
@@ -107,34 +137,35 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaNextProcessor:
+def build_processor(tokenizer: PreTrainedTokenizerFast, arch: TinyArch = TinyArch()) -> LlavaNextProcessor:
     """The processor: anyres image processor with tiny crops, the tokenizer and the chat template."""
     image_processor = ImageProcessor(
-        size={"shortest_edge": CROP},
-        crop_size={"height": CROP, "width": CROP},
-        image_grid_pinpoints=PINPOINTS,
+        size={"shortest_edge": arch.crop},
+        crop_size={"height": arch.crop, "width": arch.crop},
+        image_grid_pinpoints=arch.pinpoint_lists,
         do_convert_rgb=True,
     )
     return LlavaNextProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=PATCH,
+        patch_size=arch.patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token
         chat_template=CHAT_TEMPLATE,
     )
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast, width: int = 64, layers: int = 2) -> LlavaNextConfig:
-    """Architecture of the tiny model; `width` must stay a multiple of 64 for 4-bit quantization."""
+def build_config(tokenizer: PreTrainedTokenizerFast, arch: TinyArch = TinyArch()) -> LlavaNextConfig:
+    """Architecture of the tiny model: CLIP vision tower, projector, Mistral language model."""
     vision = CLIPVisionConfig(
-        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-        num_attention_heads=4, image_size=CROP, patch_size=PATCH, projection_dim=width,
+        hidden_size=arch.vision_width, intermediate_size=2 * arch.vision_width,
+        num_hidden_layers=arch.vision_layers, num_attention_heads=4, image_size=arch.crop,
+        patch_size=arch.patch, projection_dim=arch.vision_width,
     )
     text = MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=1024, sliding_window=None, initializer_range=0.1,
+        vocab_size=len(tokenizer), hidden_size=arch.text_width, intermediate_size=2 * arch.text_width,
+        num_hidden_layers=arch.text_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024, sliding_window=None, initializer_range=arch.initializer_range,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
@@ -142,25 +173,33 @@ def build_config(tokenizer: PreTrainedTokenizerFast, width: int = 64, layers: in
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=PINPOINTS,
+        image_grid_pinpoints=arch.pinpoint_lists,
         vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+        vision_feature_layer=arch.vision_feature_layer,
         tie_word_embeddings=False,
     )
 
 
-def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Build and save the checkpoint; the same seed always writes the same bytes."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def build_untrained(
+    arch: TinyArch = TinyArch(), seed: int = 0
+) -> tuple[LlavaNextProcessor, LlavaNextForConditionalGeneration]:
+    """Processor and freshly initialised model; the same arch and seed give the same weights."""
     tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    config = build_config(tokenizer)
+    processor = build_processor(tokenizer, arch)
+    config = build_config(tokenizer, arch)
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return processor, model
+
+
+def make_tiny_model(out_dir: str | os.PathLike, seed: int = 0, arch: TinyArch = TinyArch()) -> Path:
+    """Build and save the checkpoint; the same seed always writes the same bytes."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    processor, model = build_untrained(arch, seed)
     processor.save_pretrained(out)
     model.save_pretrained(out)
     log.info("wrote a %d-parameter checkpoint to %s", sum(p.numel() for p in model.parameters()), out)
