@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
     io.add_argument("--keep-columns", default="", help="comma-separated manifest columns copied to the output")
     io.add_argument("--limit", type=int, help="process only the first N rows")
     io.add_argument("--overwrite", action="store_true", help="replace an output that already holds results")
+    io.add_argument("--resume", action="store_true", help="continue an interrupted run: skip ids already answered")
+    io.add_argument("--retry-errors", action="store_true", help="re-run the rows whose error is set, replacing them")
     m = p.add_argument_group("model")
     m.add_argument("--model", required=True, help="checkpoint directory (saved with save_pretrained)")
     m.add_argument("--prompt", default=DEFAULT_QUESTION, help="question for rows whose prompt is null or missing")
@@ -84,6 +86,8 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
         keep_columns=tuple(c.strip() for c in args.keep_columns.split(",") if c.strip()),
         limit=args.limit,
         overwrite=args.overwrite,
+        resume=args.resume,
+        retry_errors=args.retry_errors,
         batch_size=args.batch_size,
         preprocess_batch_size=args.preprocess_batch_size,
         actors=args.actors,
@@ -97,16 +101,32 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
 def run(cfg: AnnotateConfig) -> dict[str, Any]:
     """Run the whole job on the connected Ray cluster and return its summary."""
     from pipeline.build import build_plan
-    from pipeline.read import arrow_filesystem, filesystem
-    from pipeline.write import CONFIG_FILE, SUMMARY_FILE, prepare_output, summarize, write_json
+    from pipeline.read import arrow_filesystem, filesystem, inspect_manifest
+    from pipeline.write import (
+        CONFIG_FILE,
+        SUMMARY_FILE,
+        OutputState,
+        prepare_output,
+        reconcile_output,
+        summarize,
+        write_json,
+    )
 
     start = time.perf_counter()
-    ds, rows_in = build_plan(cfg)
-    prepare_output(cfg.output, cfg.overwrite)
+    files, columns = inspect_manifest(cfg.input, cfg.id_column, cfg.keep_columns)
+    continuing = cfg.resume or cfg.retry_errors
+    prepare_output(cfg.output, cfg.overwrite, continuing)
+    previous = reconcile_output(cfg.output) if continuing else OutputState()
+    if continuing:
+        log.info(
+            "continuing %s: %d ids answered, %d failed rows to retry, %d unreadable files set aside",
+            cfg.output, len(previous.done_ids), len(previous.error_ids), len(previous.set_aside),
+        )
+    ds, rows_in = build_plan(cfg, files, columns, previous.done_ids)
     write_json(cfg.output, CONFIG_FILE, to_dict(cfg))
     fs, path = filesystem(cfg.output)
     ds.write_parquet(path, filesystem=arrow_filesystem(fs))
-    summary = summarize(cfg.output, rows_in, time.perf_counter() - start)
+    summary = summarize(cfg.output, rows_in, time.perf_counter() - start, previous)
     write_json(cfg.output, SUMMARY_FILE, summary)
     return summary
 

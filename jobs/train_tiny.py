@@ -33,7 +33,7 @@ log = logging.getLogger("jobs.train_tiny")
 # enough patches per tile that a CPU step stays cheap; every grid shape from 1:3 to 3:1.
 SHAPES_ARCH = TinyArch(
     crop=64,
-    patch=8,
+    patch=16,
     pinpoints=((64, 128), (128, 64), (128, 128), (64, 192), (192, 64)),
     text_width=128,
     text_layers=2,

@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from pipeline.config import AnnotateConfig
 from pipeline.preprocess import StageConfig, prepare_batch
-from pipeline.read import ManifestColumns, count_rows, inspect_manifest, read_manifest
+from pipeline.read import ManifestColumns, count_rows, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +62,32 @@ def preprocess_memory(cfg: AnnotateConfig) -> int:
     return 4 * cfg.limits.max_pixels + 256 * 1024 * 1024
 
 
-def build_plan(cfg: AnnotateConfig):
-    """The lazy Dataset of output rows, and the number of input rows it covers."""
+def drop_done(batch: pa.Table, id_column: str, done: pa.Array) -> pa.Table:
+    """Resume stage: leave out rows whose id the output already answers."""
+    return batch.filter(pc.invert(pc.is_in(batch.column(id_column), value_set=done)))
+
+
+def build_plan(cfg: AnnotateConfig, files: list[str], columns: ManifestColumns, done_ids: list | None = None):
+    """The lazy Dataset of output rows, and the number of manifest rows it covers.
+
+    `done_ids` (from a previous run) are read but not processed again.
+    """
     import ray
 
     from actors.predictor import Predictor
 
-    files, columns = inspect_manifest(cfg.input, cfg.id_column, cfg.keep_columns)
     ds = read_manifest(cfg.input, files, columns)
     rows_in = count_rows(cfg.input, files)
     if cfg.limit is not None:
         ds = ds.limit(cfg.limit)
         rows_in = min(rows_in, cfg.limit)
+    if done_ids:
+        ds = ds.map_batches(
+            drop_done,
+            fn_kwargs={"id_column": columns.id, "done": pa.array(done_ids).cast(columns.id_type)},
+            batch_format="pyarrow",
+            batch_size=None,
+        )
     res = plan_resources(cfg, ray.cluster_resources())
     log.info("plan: %d rows from %d files; %s", rows_in, len(files), res)
     ds = ds.map_batches(
@@ -95,5 +112,9 @@ def build_plan(cfg: AnnotateConfig):
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
         udf_modifying_row_count=False,
+        # A lost actor (killed, or on a node that went away) restarts and its batch runs again;
+        # nothing was written for that batch yet, so no row is lost or doubled.
+        max_restarts=-1,
+        max_task_retries=-1,
     )
     return ds, rows_in

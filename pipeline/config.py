@@ -97,6 +97,9 @@ DEFAULT_QUESTION = "What is shown in this image?"
 class AnnotateConfig:
     """One batch annotation run: where rows come from and go, and how the plan is sized.
 
+    `resume` continues an interrupted run and `retry_errors` re-runs the failed rows of a
+    finished one; both skip ids already answered and replace the rows that carried an error.
+
     `actors` is (min, max) generation actors; None means one per GPU of the cluster (or one on
     a CPU-only cluster). `gpus_per_actor` None means 1 when the cluster has GPUs, else 0.
     """
@@ -109,6 +112,8 @@ class AnnotateConfig:
     keep_columns: tuple[str, ...] = ()
     limit: int | None = None
     overwrite: bool = False
+    resume: bool = False
+    retry_errors: bool = False
     batch_size: int = 8
     preprocess_batch_size: int = 16
     actors: tuple[int, int] | None = None
@@ -126,6 +131,8 @@ class AnnotateConfig:
         for name in ("batch_size", "preprocess_batch_size", "fetch_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.overwrite and (self.resume or self.retry_errors):
+            raise ConfigError("--overwrite discards the output that --resume/--retry-errors continue")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("--limit must be at least 1")
         if self.actors is not None and not 1 <= self.actors[0] <= self.actors[1]:

@@ -249,6 +249,8 @@ def prepare_batch(batch: pa.Table, cfg: StageConfig) -> pa.Table:
                 row_sizes = [v for p in prepared for v in p.size]
             except ValueError as exc:
                 errors[i] = str(exc)
+            except Exception as exc:  # whatever else a strange file triggers costs its row only
+                errors[i] = f"preprocess: {type(exc).__name__}: {exc}"
         tiles.append(row_tiles)
         counts.append(row_counts)
         sizes.append(row_sizes)

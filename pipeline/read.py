@@ -64,6 +64,7 @@ class ManifestColumns:
     image: str
     prompt: str | None
     keep: tuple[str, ...]
+    id_type: pa.DataType = pa.string()
 
     @property
     def names(self) -> list[str]:
@@ -85,7 +86,8 @@ def check_columns(schema: pa.Schema, id_column: str, keep: tuple[str, ...], wher
         problems.append(f"no columns {missing_keep} to keep")
     if problems:
         raise ManifestError(f"manifest {where}: {'; '.join(problems)}. Columns found: {', '.join(found)}")
-    return ManifestColumns(id_column, images[0], "prompt" if "prompt" in found else None, tuple(keep))
+    prompt = "prompt" if "prompt" in found else None
+    return ManifestColumns(id_column, images[0], prompt, tuple(keep), schema.field(id_column).type)
 
 
 def inspect_manifest(uri: str, id_column: str, keep: tuple[str, ...]) -> tuple[list[str], ManifestColumns]:

@@ -7,11 +7,18 @@ The output is a directory (or S3 prefix) of Parquet files in the documented sche
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from pipeline.read import arrow_filesystem, filesystem
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "_config.json"
 SUMMARY_FILE = "_summary.json"
@@ -21,14 +28,69 @@ class OutputExistsError(RuntimeError):
     """The output already holds results and --overwrite was not given."""
 
 
-def prepare_output(uri: str, overwrite: bool) -> None:
-    """Refuse an output that holds anything unless told to overwrite, then clear it."""
+def prepare_output(uri: str, overwrite: bool, continuing: bool = False) -> None:
+    """Refuse an output that holds anything unless told to overwrite or continue it.
+
+    Overwriting clears it; continuing (resume, retry) keeps it for `reconcile_output`.
+    """
     fs, path = filesystem(uri)
-    if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
+    if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)) and not continuing:
         if not overwrite:
-            raise OutputExistsError(f"output {uri} already holds results; pass --overwrite to replace them")
+            raise OutputExistsError(
+                f"output {uri} already holds results; pass --overwrite to replace them, "
+                "--resume to continue them or --retry-errors to re-run their failed rows"
+            )
         fs.rm(path, recursive=True)
     fs.makedirs(path, exist_ok=True)
+
+
+@dataclass
+class OutputState:
+    """What a previous run left: answered ids, failed ids, and files set aside as unreadable."""
+
+    done_ids: list = field(default_factory=list)
+    error_ids: list = field(default_factory=list)
+    set_aside: list[str] = field(default_factory=list)
+
+
+def _data_files(fs, path: str) -> list[str]:
+    """Parquet files an analyst's reader would see (pyarrow skips names starting with _ or .)."""
+    if not fs.exists(path):
+        return []
+    return sorted(
+        f for f in fs.find(path) if f.endswith(".parquet") and not f.rsplit("/", 1)[-1].startswith(("_", "."))
+    )
+
+
+def reconcile_output(uri: str) -> OutputState:
+    """Make a previous run's output safe to continue, and say which ids it already holds.
+
+    A file without a readable footer (cut short by a killed driver) is renamed with a leading
+    underscore, so no reader sees it; rows that carry an error are removed from their files,
+    since this run answers those ids again. Both happen before any new row is written, so a
+    crash at any point leaves every id at most once.
+    """
+    fs, path = filesystem(uri)
+    afs = arrow_filesystem(fs)
+    state = OutputState()
+    for file in _data_files(fs, path):
+        try:
+            table = pq.read_table(file, filesystem=afs)
+        except Exception as exc:  # a truncated file raises one of several arrow errors
+            head, name = file.rsplit("/", 1)
+            fs.mv(file, f"{head}/_partial-{name}")
+            state.set_aside.append(name)
+            log.warning("set aside unreadable output file %s (%s)", name, exc)
+            continue
+        failed = pc.is_valid(table.column("error"))
+        state.done_ids.extend(table.filter(pc.invert(failed)).column("id").to_pylist())
+        if pc.any(failed).as_py():
+            state.error_ids.extend(table.filter(failed).column("id").to_pylist())
+            kept = table.filter(pc.invert(failed))
+            tmp = f"{file}.tmp"
+            pq.write_table(kept, tmp, filesystem=afs)
+            fs.mv(tmp, file)  # replace in one step: readers see the old or the new file, never half
+    return state
 
 
 def write_json(uri: str, name: str, payload: dict[str, Any]) -> None:
@@ -44,8 +106,13 @@ def read_output(uri: str) -> pads.Dataset:
     return pads.dataset(path, format="parquet", filesystem=arrow_filesystem(fs), exclude_invalid_files=False)
 
 
-def summarize(uri: str, rows_in: int, wall_s: float) -> dict[str, Any]:
-    """Count what the output really holds: rows, answers, errors by stage, tokens."""
+def summarize(uri: str, rows_in: int, wall_s: float, previous: OutputState | None = None) -> dict[str, Any]:
+    """Count what the output really holds: rows, answers, errors by stage, tokens.
+
+    `previous` is what an earlier run had left, so a resumed run reports what it skipped and
+    retried; tokens count the whole output.
+    """
+    previous = previous or OutputState()
     table = read_output(uri).to_table(columns=["id", "error", "num_input_tokens", "num_output_tokens"])
     errors = [e for e in table.column("error").to_pylist() if e is not None]
     by_stage: dict[str, int] = {}
@@ -56,6 +123,9 @@ def summarize(uri: str, rows_in: int, wall_s: float) -> dict[str, Any]:
     return {
         "rows_in": rows_in,
         "rows_out": table.num_rows,
+        "skipped": len(previous.done_ids),
+        "retried": len(previous.error_ids),
+        "done": table.num_rows - len(previous.done_ids),
         "unique_ids_out": len(set(ids)),
         "ok": table.num_rows - len(errors),
         "errors": len(errors),
