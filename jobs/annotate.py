@@ -55,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("resources")
     r.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default: 8)")
     r.add_argument("--preprocess-batch-size", type=int, default=16, help="rows per CPU preprocessing task")
+    r.add_argument("--rows-per-file", type=int, default=1000, help="rows per output Parquet file (default: 1000)")
     r.add_argument("--actors", type=parse_actors, help="generation actors: N or MIN-MAX (default: one per GPU)")
     r.add_argument("--gpus-per-actor", type=float, help="GPUs per generation actor (default: 1 if the cluster has GPUs)")
     r.add_argument("--cpu-workers", type=int, help="max concurrent CPU preprocessing tasks (default: Ray decides)")
@@ -90,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
         retry_errors=args.retry_errors,
         batch_size=args.batch_size,
         preprocess_batch_size=args.preprocess_batch_size,
+        rows_per_file=args.rows_per_file,
         actors=args.actors,
         gpus_per_actor=args.gpus_per_actor,
         cpu_workers=args.cpu_workers,

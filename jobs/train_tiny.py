@@ -113,22 +113,37 @@ class Batcher:
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id
 
-    def sequence(self, example: Example, kind: str, question: str) -> tuple[list[int], list[int]]:
-        """Input ids and labels: the prompt, then the answer and end of sequence to be learnt."""
-        prompt = prompt_ids(self.tokenizer, self.formatter, self.spec, question, example.size)
-        reply = self.tokenizer(synthetic.answer(kind, example.shape, example.colour), add_special_tokens=False)
-        reply_ids = reply["input_ids"] + [self.eos]
-        return prompt + reply_ids, [IGNORE] * len(prompt) + reply_ids
+    def sequence(self, example: Example, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """Input ids and labels for several questions about one image, answers and ends learnt.
+
+        The first turn is exactly the prompt the job sends; each later turn is a single-turn
+        prompt without the image, after the previous answer's end of sequence. One pass of the
+        vision tower so teaches every kind of answer.
+        """
+        ids: list[int] = []
+        labels: list[int] = []
+        for n, (kind, question) in enumerate(turns):
+            if n == 0:
+                prompt = prompt_ids(self.tokenizer, self.formatter, self.spec, question, example.size)
+            else:
+                prompt = self.tokenizer(self.formatter.question(question, 0), add_special_tokens=False)["input_ids"]
+            reply = self.tokenizer(synthetic.answer(kind, example.shape, example.colour), add_special_tokens=False)
+            reply_ids = reply["input_ids"] + [self.eos]
+            ids += prompt + reply_ids
+            labels += [IGNORE] * len(prompt) + reply_ids
+        return ids, labels
+
+    def turns(self) -> list[tuple[str, str]]:
+        """Every kind of question once, in a random order, each in a random wording."""
+        kinds = [synthetic.KINDS[k] for k in self.rng.permutation(len(synthetic.KINDS))]
+        return [(k, synthetic.QUESTIONS[k][self.rng.integers(len(synthetic.QUESTIONS[k]))]) for k in kinds]
 
     def next(self, batch_size: int) -> dict[str, torch.Tensor]:
         picks = self.rng.integers(len(self.examples), size=batch_size)
-        kinds = self.rng.integers(len(synthetic.KINDS), size=batch_size)
         rows, tiles, sizes = [], [], []
-        for i, k in zip(picks, kinds):
-            kind = synthetic.KINDS[k]
-            questions = synthetic.QUESTIONS[kind]
+        for i in picks:
             example = self.examples[i]
-            rows.append(self.sequence(example, kind, questions[self.rng.integers(len(questions))]))
+            rows.append(self.sequence(example, self.turns()))
             tiles.append(example.tiles)
             sizes.append(list(example.size))
         width = max(len(ids) for ids, _ in rows)

@@ -88,6 +88,9 @@ def build_plan(cfg: AnnotateConfig, files: list[str], columns: ManifestColumns, 
             batch_format="pyarrow",
             batch_size=None,
         )
+    # Small blocks from the start: every CPU task and actor gets work early, and rows reach the
+    # output files as they are answered instead of all at the end.
+    ds = ds.repartition(target_num_rows_per_block=cfg.preprocess_batch_size)
     res = plan_resources(cfg, ray.cluster_resources())
     log.info("plan: %d rows from %d files; %s", rows_in, len(files), res)
     ds = ds.map_batches(
@@ -112,9 +115,10 @@ def build_plan(cfg: AnnotateConfig, files: list[str], columns: ManifestColumns, 
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
         udf_modifying_row_count=False,
-        # A lost actor (killed, or on a node that went away) restarts and its batch runs again;
-        # nothing was written for that batch yet, so no row is lost or doubled.
-        max_restarts=-1,
-        max_task_retries=-1,
+        # Ray Data restarts a lost actor (killed, or on a node that went away) and reruns its
+        # batch (its defaults: max_restarts=-1, max_task_retries=-1); nothing was written for
+        # that batch yet, so no row is lost or doubled.
     )
+    # Files of at most `rows_per_file` rows, written as they fill: a killed run keeps its progress.
+    ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_file)
     return ds, rows_in

@@ -116,6 +116,7 @@ class AnnotateConfig:
     retry_errors: bool = False
     batch_size: int = 8
     preprocess_batch_size: int = 16
+    rows_per_file: int = 1000
     actors: tuple[int, int] | None = None
     gpus_per_actor: float | None = None
     cpu_workers: int | None = None
@@ -128,7 +129,7 @@ class AnnotateConfig:
             raise ConfigError("--input and --output are required")
         if self.input.rstrip("/") == self.output.rstrip("/"):
             raise ConfigError("--output must differ from --input")
-        for name in ("batch_size", "preprocess_batch_size", "fetch_threads"):
+        for name in ("batch_size", "preprocess_batch_size", "rows_per_file", "fetch_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.overwrite and (self.resume or self.retry_errors):

@@ -1,0 +1,1 @@
+"""Benchmark suites behind `python -m jobs.benchmark`; each returns a `common.SuiteResult`."""

@@ -1,0 +1,55 @@
+"""The shipped shapes checkpoint answers right through the real batch job.
+
+Right answers are what reveal an image matched with the wrong row, tiles in the wrong order or
+orientation, or a broken crop; comparing with the reference cannot, since both would agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import annotate
+from jobs.shapes_eval import TRUTH_COLUMNS, read_results
+from pipeline import synthetic
+from pipeline.config import AnnotateConfig, EngineConfig
+
+CHECKPOINT = Path(__file__).resolve().parents[2] / "actors" / "checkpoints" / "tiny-shapes"
+IMAGES = 24
+# Held-out seeds of their own: neither training nor the README's evaluation uses them.
+FIRST = 10_000
+MIN_ACCURACY = 0.85
+
+
+@pytest.fixture(scope="module")
+def results(ray_local, tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("shapes")
+    pq.write_table(synthetic.manifest(synthetic.heldout_seeds(FIRST, IMAGES)), tmp / "manifest.parquet")
+    cfg = AnnotateConfig(
+        input=str(tmp / "manifest.parquet"),
+        output=str(tmp / "out"),
+        engine=EngineConfig(model=str(CHECKPOINT), max_new_tokens=8),
+        keep_columns=TRUTH_COLUMNS,
+        batch_size=16,
+        cpu_workers=2,
+    )
+    summary = annotate.run(cfg)
+    assert summary["rows_out"] == summary["ok"] == 2 * IMAGES
+    return read_results(str(tmp / "out"))
+
+
+def test_the_checkpoint_is_small_enough_to_commit():
+    files = list(CHECKPOINT.iterdir())
+    assert sum(f.stat().st_size for f in files) <= 10 * 1024 * 1024
+    assert all(f.stat().st_size <= 2 * 1024 * 1024 for f in files if f.name != "model.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["shape", "colour"])
+def test_heldout_answers_name_the_right_word(results, kind):
+    accuracy = synthetic.accuracy(results)[kind]
+    wrong = [(r["id"], r["response"]) for r in results if r["kind"] == kind
+             and not synthetic.is_correct(kind, r["response"], r["shape"], r["colour"])]
+    assert accuracy["total"] == IMAGES
+    assert accuracy["accuracy"] >= MIN_ACCURACY, wrong
