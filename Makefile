@@ -26,8 +26,8 @@ test: install
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
-$(TINY)/config.json: install
-	$(BIN)/python -m jobs.make_tiny_model $(TINY)
+demo: install
+	$(BIN)/python -m jobs.demo
 
 clean:
 	rm -rf build $(VENV)

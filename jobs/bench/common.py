@@ -250,6 +250,7 @@ def local_ray(num_cpus: int | None = None) -> Iterator[None]:
     started = not ray.is_initialized()
     if started:
         ray.init(
+            address="local",  # a new cluster, even when another user's is running on this machine
             num_cpus=num_cpus,
             include_dashboard=False,
             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},

@@ -119,7 +119,7 @@ def time_case(case: Case, spec: AnyresSpec, processor, normaliser: Engine, repea
 
 
 def run(quick: bool) -> SuiteResult:
-    per_size, repeats = (2, 1) if quick else (20, 3)
+    per_size, repeats = (1, 1) if quick else (20, 3)
     spec = spec_7b()
     processor = transformers_processor(spec)
     normaliser = cpu_normaliser(spec)

@@ -231,40 +231,55 @@ def test_retry_errors_replaces_failed_rows(tiny_model, ray_local, tmp_path, refe
     _check_complete(str(tmp_path / "out"), images, reference)
 
 
+def _hosts_predictor(node) -> bool:
+    """Whether a simulated node's raylet runs a generation actor."""
+    import psutil
+
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    for child in raylet.children(recursive=True):
+        try:
+            if "MapBatches(Predictor)" in " ".join(child.cmdline()):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
 def _node_loss_job(tiny_model: str, glob: str, out: str, results) -> None:
     """Runs in a fresh process: a three-node cluster on one machine, one worker node removed mid-job."""
-    import psutil
+    import traceback
+
     import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [cluster.add_node(num_cpus=3) for _ in range(2)]
-    ray.init(address=cluster.address)
-    outcome: dict = {}
-    job = threading.Thread(
-        target=lambda: outcome.update(
-            _run(tiny_model, glob, out, batch_size=2, preprocess_batch_size=2, max_new_tokens=24, actors=(1, 1))
+    try:
+        workers = [cluster.add_node(num_cpus=3) for _ in range(2)]
+        ray.init(address=cluster.address)
+        outcome: dict = {}
+        job = threading.Thread(
+            target=lambda: outcome.update(
+                _run(tiny_model, glob, out, batch_size=2, preprocess_batch_size=2, max_new_tokens=24,
+                     actors=(1, 1), rows_per_file=4)
+            )
         )
-    )
-    job.start()
-
-    def hosts_predictor(node) -> bool:
-        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-        return any("MapBatches(Predictor)" in " ".join(c.cmdline()) for c in raylet.children(recursive=True))
-
-    deadline = time.monotonic() + 180
-    victim = None
-    while victim is None and time.monotonic() < deadline and job.is_alive():
-        victim = next((n for n in workers if hosts_predictor(n)), None)
-        time.sleep(0.2)
-    time.sleep(1.5)
-    removed_mid_job = victim is not None and job.is_alive()
-    if victim is not None:
-        cluster.remove_node(victim, allow_graceful=False)
-    job.join(timeout=400)
-    results.put({"removed_mid_job": removed_mid_job, "finished": not job.is_alive(), **outcome})
-    ray.shutdown()
-    cluster.shutdown()
+        job.start()
+        deadline = time.monotonic() + 240
+        victim = None
+        while victim is None and time.monotonic() < deadline and job.is_alive():
+            victim = next((n for n in workers if _hosts_predictor(n)), None)
+            time.sleep(0.2)
+        time.sleep(1.5)
+        removed_mid_job = victim is not None and job.is_alive()
+        if victim is not None:
+            cluster.remove_node(victim, allow_graceful=False)
+        job.join(timeout=400)
+        results.put({"removed_mid_job": removed_mid_job, "finished": not job.is_alive(), **outcome})
+    except Exception:
+        results.put({"error": traceback.format_exc()})
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def test_a_worker_node_removed_mid_job(tiny_model, tmp_path, reference):
@@ -273,8 +288,9 @@ def test_a_worker_node_removed_mid_job(tiny_model, tmp_path, reference):
     results = ctx.Queue()
     proc = ctx.Process(target=_node_loss_job, args=(tiny_model, glob, str(tmp_path / "out"), results))
     proc.start()
-    outcome = results.get(timeout=600)
+    outcome = results.get(timeout=700)
     proc.join(timeout=120)
+    assert "error" not in outcome, outcome.get("error")
     assert outcome["removed_mid_job"] and outcome["finished"], outcome
     assert outcome["rows_out"] == outcome["unique_ids_out"] == len(images)
     _check_complete(str(tmp_path / "out"), images, reference, max_new=24)

@@ -1,0 +1,53 @@
+"""Smoke test of `python -m jobs.benchmark`: every suite runs in --quick mode and writes its files.
+
+A smoke run proves the suites work and their reports have the promised shape; the figures of a
+quick run are not measurements and are not checked.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs import benchmark
+
+
+def _run(suite: str, out) -> dict:
+    assert benchmark.main([suite, "--out", str(out), "--quick"]) == 0
+    for ext in ("json", "md", "png"):
+        assert (out / f"{suite}.{ext}").stat().st_size > 0, ext
+    report = json.loads((out / f"{suite}.json").read_text())
+    assert report["env"]["cpu"] and report["env"]["cores"] >= 1 and report["env"]["libraries"]["torch"]
+    assert (out / f"{suite}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return report
+
+
+def _assert_ratios(report: dict) -> None:
+    assert report["ratios"] and all(k.startswith(("speedup_", "ratio_")) for k in report["ratios"])
+    assert all(v > 0 for v in report["ratios"].values())
+    assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])
+
+
+def test_preprocess_suite(tmp_path):
+    report = _run("preprocess", tmp_path)
+    _assert_ratios(report)
+    assert report["raw"]["max_abs_diff_vs_transformers"] <= 1e-5
+    assert "| 4000x3000 |" in (tmp_path / "preprocess.md").read_text()
+
+
+@pytest.mark.parametrize("suite", ["pipeline", "serve"])
+def test_ray_suites(suite, tmp_path, ray_local):
+    report = _run(suite, tmp_path)
+    _assert_ratios(report)
+    assert ray_local.is_initialized()  # the suite used the session's Ray and left it running
+
+
+def test_gpu_suite_runs_or_says_why_not(tmp_path):
+    import torch
+
+    report = _run("gpu", tmp_path)
+    if torch.cuda.is_available():
+        _assert_ratios(report)
+    else:
+        assert report["skipped"] and "CUDA" in report["skipped"] and report["ratios"] == {}
