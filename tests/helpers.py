@@ -21,6 +21,21 @@ def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Im
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
 
 
+def exif_rotated(width: int, height: int, seed: int, orientation: int = 6) -> bytes:
+    """A JPEG whose EXIF orientation tag asks viewers to rotate it."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(noise_image(width, height, seed=seed), "JPEG", exif=exif, quality=95)
+
+
+def animated_gif(width: int, height: int, seeds: tuple[int, ...]) -> bytes:
+    """A GIF with one frame per seed; readers must use the first."""
+    frames = [noise_image(width, height, seed=s).convert("P") for s in seeds]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    return buf.getvalue()
+
+
 def reference_tokens(reference, images: list[Image.Image], prompt: str, max_new_tokens: int) -> list[int]:
     """Greedy tokens from transformers' processor + `generate` on one prompt (the ground truth)."""
     import torch

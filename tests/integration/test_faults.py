@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image, ImageOps
 
 from jobs import annotate
 from pipeline.config import AnnotateConfig, EngineConfig
 from pipeline.write import read_output
 from tests.conftest import free_port
-from tests.helpers import encode, noise_image, reference_answer
+from tests.helpers import animated_gif, encode, exif_rotated, noise_image, reference_answer
 
 MAX_NEW = 6
 
@@ -41,26 +40,13 @@ def _upright(data: bytes) -> Image.Image:
     return ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
 
 
-def _exif_rotated() -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = 8
-    return encode(noise_image(90, 40, seed=21), "JPEG", exif=exif, quality=95)
-
-
-def _gif() -> bytes:
-    frames = [noise_image(50, 30, seed=s).convert("P") for s in (22, 23)]
-    buf = io.BytesIO()
-    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=40)
-    return buf.getvalue()
-
-
 VALID = {
     "cmyk": lambda: encode(noise_image(80, 60, seed=24, mode="CMYK"), "JPEG"),
     "16-bit": lambda: encode(Image.fromarray((np.arange(40 * 30).reshape(30, 40) * 37 % 65535).astype(np.uint16))),
     "palette-transparent": lambda: encode(noise_image(60, 40, seed=25).convert("P"), "PNG", transparency=5),
     "rgba": lambda: encode(Image.fromarray(np.random.default_rng(26).integers(0, 256, (30, 70, 4), np.uint8))),
-    "exif-rotated": _exif_rotated,
-    "animated-gif": _gif,
+    "exif-rotated": lambda: exif_rotated(90, 40, seed=21, orientation=8),
+    "animated-gif": lambda: animated_gif(50, 30, (22, 23)),
     "one-pixel": lambda: encode(noise_image(1, 1, seed=27)),
     "sliver": lambda: encode(noise_image(2000, 20, seed=28)),
 }

@@ -9,13 +9,7 @@ from PIL import Image, ImageOps
 
 from pipeline.config import ImageLimits
 from pipeline.preprocess import ImageError, decode, prepare
-from tests.helpers import encode, noise_image
-
-
-def _exif_rotated() -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-    return encode(noise_image(120, 60, seed=3), "JPEG", exif=exif, quality=95)
+from tests.helpers import animated_gif, encode, exif_rotated, noise_image
 
 
 def _palette_transparent() -> bytes:
@@ -33,13 +27,6 @@ def _sixteen_bit() -> bytes:
     return encode(Image.fromarray(arr.astype(np.uint16)))
 
 
-def _animated_gif() -> bytes:
-    frames = [noise_image(60, 40, seed=s).convert("P") for s in (6, 7)]
-    buf = io.BytesIO()
-    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50)
-    return buf.getvalue()
-
-
 ZOO = {
     "square": lambda: encode(noise_image(64, 64)),
     "wide": lambda: encode(noise_image(300, 80, seed=1)),
@@ -55,9 +42,9 @@ ZOO = {
     "bilevel": lambda: encode(noise_image(70, 50, seed=12, mode="1")),
     "cmyk": lambda: encode(noise_image(80, 60, seed=13, mode="CMYK"), "JPEG"),
     "16-bit": _sixteen_bit,
-    "exif-rotated": _exif_rotated,
+    "exif-rotated": lambda: exif_rotated(120, 60, seed=3),
     "webp": lambda: encode(noise_image(100, 75, seed=14), "WEBP", lossless=True),
-    "animated-gif": _animated_gif,
+    "animated-gif": lambda: animated_gif(60, 40, (6, 7)),
 }
 
 
@@ -86,7 +73,7 @@ def test_tiles_normalise_to_the_processor_pixels(name, engine, reference):
 
 
 def test_exif_orientation_is_applied():
-    image = decode(_exif_rotated())
+    image = decode(exif_rotated(120, 60, seed=3))
     assert image.size == (60, 120)
 
 
