@@ -17,7 +17,7 @@ import os
 import signal
 import time
 
-from pipeline.config import ATTN_IMPLEMENTATIONS, DTYPES, PROMPT_FORMATS, QUANTIZATIONS
+from pipeline.config import ATTN_IMPLEMENTATIONS, DTYPES, PROMPT_FORMATS, QUANTIZATIONS, ServeOptions
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,6 @@ API_KEY_ENV = "LLAVA_SERVE_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from actors.serve_app import ServeOptions
-
     d = ServeOptions(model="-")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="checkpoint directory (LLaVA-NeXT, transformers format)")
@@ -61,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
-    from actors.serve_app import APP_NAME, ServeOptions, application
+    from actors.serve_app import APP_NAME, application
 
     options = ServeOptions(**args)
     log.info("serve options: %s", json.dumps(options.describe()))

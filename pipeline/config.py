@@ -7,6 +7,7 @@ and saved next to the output, so every result says how it was made.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,3 +158,82 @@ def parse_actors(text: str) -> tuple[int, int]:
     except ValueError:
         raise ConfigError(f"--actors must be N or MIN-MAX, got {text!r}") from None
     return pair
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"expected a boolean; got {text!r}")
+
+
+_CONVERTERS: dict[type, Any] = {int: int, float: float, bool: _parse_bool, str: str}
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything one Serve application needs: the engine, the replicas, batching and limits.
+
+    `gpus_per_replica=None` means one GPU when the cluster has any, else none;
+    `max_queued_requests=-1` leaves the queue unbounded.
+    """
+
+    model: str
+    max_new_tokens: int = 128
+    prompt_format: str = "auto"
+    dtype: str = "auto"
+    attn: str = "sdpa"
+    quantization: str = "none"
+    replicas: int = 1
+    gpus_per_replica: float | None = None
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 64
+    max_batch_size: int = 8
+    batch_wait_ms: float = 20.0
+    api_key: str | None = None
+    allow_remote_images: bool = False
+    max_image_bytes: int = ImageLimits().max_bytes
+    max_image_pixels: int = ImageLimits().max_pixels
+    max_body_bytes: int = 128 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        self.engine_config()
+        ImageLimits(self.max_image_bytes, self.max_image_pixels)
+        for name in ("replicas", "max_ongoing_requests", "max_batch_size", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.max_queued_requests < -1 or self.max_queued_requests == 0:
+            raise ConfigError("max_queued_requests must be positive, or -1 for no bound")
+        if self.batch_wait_ms < 0 or (self.gpus_per_replica is not None and self.gpus_per_replica < 0):
+            raise ConfigError("batch_wait_ms and gpus_per_replica must not be negative")
+        if self.api_key == "":
+            raise ConfigError("api_key must not be empty; leave it unset to disable authentication")
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> "ServeOptions":
+        """Options from a Serve config's `args` or `serve run key=value` pairs (strings are converted)."""
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - set(fields))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+        values = {}
+        for name, value in args.items():
+            kinds = typing.get_args(fields[name]) or (fields[name],)
+            if isinstance(value, str) and type(None) in kinds and value.lower() in ("", "none", "null"):
+                value = None
+            elif isinstance(value, str):
+                value = _CONVERTERS[kinds[0]](value)
+            values[name] = value
+        return cls(**values)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model, dtype=self.dtype, attn_implementation=self.attn, quantization=self.quantization,
+            max_new_tokens=self.max_new_tokens, prompt_format=self.prompt_format,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The options for the start-up log, with the API key hidden."""
+        return {**dataclasses.asdict(self), "api_key": "***" if self.api_key else None}

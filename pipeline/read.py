@@ -108,6 +108,9 @@ def read_manifest(uri: str, files: list[str], columns: ManifestColumns):
     """The manifest as a Ray Dataset of just the needed columns."""
     import ray
 
+    # The newer Parquet datasource lists footers through helper actors that do not survive the
+    # loss of their node, which aborts the job; the task-based reader is retried like any task.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
     fs, _ = filesystem(uri)
     return ray.data.read_parquet(files, filesystem=arrow_filesystem(fs), columns=columns.names)
 

@@ -10,8 +10,7 @@ import threading
 import pytest
 
 from actors import openai_api as api
-from actors.serve_app import ServeOptions
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, ServeOptions
 from tests.helpers import encode, noise_image
 
 PNG = encode(noise_image(8, 8))
