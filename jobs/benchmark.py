@@ -19,7 +19,7 @@ SUITES = ("preprocess", "pipeline", "serve", "gpu")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.splitlines()[0])
     p.add_argument("suite", choices=(*SUITES, "all"), help="which suite to run ('all': one after another)")
-    p.add_argument("--out", default="benchmarks", help="directory for SUITE.json, SUITE.md and SUITE.png")
+    p.add_argument("--out", default="bench-out", help="directory for SUITE.json, SUITE.md and SUITE.png")
     p.add_argument("--quick", action="store_true", help="a small, fast run (a smoke test, not a measurement)")
     return p
 
@@ -30,6 +30,7 @@ def run_suite(name: str, out: str, quick: bool) -> dict:
 
     env = environment()
     result = importlib.import_module(f"jobs.bench.{name}").run(quick)
+    env["load_average_1m_end"] = round(os.getloadavg()[0], 2)  # other users' load shows up here too
     paths = write(result, out, env)
     return {"result": result, "paths": paths}
 

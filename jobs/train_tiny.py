@@ -1,7 +1,7 @@
 """Train a tiny LLaVA-NeXT from scratch on synthetic shapes, on a CPU, and save it.
 
-Usage: python -m jobs.train_tiny OUTDIR [--steps N] [--seed S] [--images N] [--threads T]
-       [--vision-width W] [--vision-layers L] [--text-width W] [--text-layers L]
+Usage: python -m jobs.train_tiny OUTDIR [--steps N] [--seed S] [--images N] [--lr LR] [--init DIR]
+       [--threads T] [--vision-width W] [--vision-layers L] [--text-width W] [--text-layers L]
 
 Training goes through the project's own image path (encoded bytes -> `pipeline.preprocess.prepare`
 -> uint8 tiles -> the engine's normalisation) and the checkpoint's own chat template, so the saved
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import LlavaNextForConditionalGeneration
 
 from jobs.make_tiny_model import TinyArch, build_untrained
 from pipeline import synthetic
@@ -39,10 +40,10 @@ SHAPES_ARCH = TinyArch(
     crop=64,
     patch=16,
     pinpoints=((64, 128), (128, 64), (128, 128), (64, 192), (192, 64)),
-    text_width=64,
+    text_width=128,
     text_layers=2,
     vision_width=128,
-    vision_layers=2,
+    vision_layers=3,
     vision_feature_layer=-1,
     initializer_range=0.02,
 )
@@ -56,7 +57,7 @@ class TrainConfig:
     """One training run; saved as part of the checkpoint's training report."""
 
     out_dir: str
-    steps: int = 5000
+    steps: int = 3000
     seed: int = 0
     images: int = 3000
     batch_size: int = 16
@@ -65,6 +66,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     heldout: int = 60
     threads: int = 1
+    init: str | None = None
 
     def __post_init__(self) -> None:
         if min(self.steps, self.images, self.batch_size, self.threads) < 1 or self.heldout < 0:
@@ -215,6 +217,9 @@ def _train(cfg: TrainConfig, arch: TinyArch) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     processor, model = build_untrained(arch, cfg.seed)
+    if cfg.init:
+        model.load_state_dict(LlavaNextForConditionalGeneration.from_pretrained(cfg.init).state_dict())
+        log.info("continuing from the weights of %s", cfg.init)
     processor.save_pretrained(out)  # the spec is read from the saved files, as the job reads it
     spec = AnyresSpec.from_checkpoint(str(out))
     formatter = Formatter.from_processor(processor, model.config.text_config.model_type)
@@ -235,11 +240,13 @@ def _train(cfg: TrainConfig, arch: TinyArch) -> dict:
         optimizer.step()
         losses.append(loss.item())
         if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
-            log.info("step %d/%d loss %.4f (%.0f s)", step + 1, cfg.steps, np.mean(losses[-100:]), time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            log.info("step %d/%d loss %.4f (%.0f s)", step + 1, cfg.steps, np.mean(losses[-100:]), elapsed)
     model.eval()
     wall_s = time.perf_counter() - start
     model.save_pretrained(out)
     heldout = synthetic.heldout_seeds(0, cfg.heldout)
+    scores = evaluate(model, processor, formatter, spec, load_examples(heldout, spec)) if cfg.heldout else {}
     report = {
         "config": {k: v for k, v in asdict(cfg).items() if k != "out_dir"},
         "arch": asdict(arch),
@@ -247,7 +254,7 @@ def _train(cfg: TrainConfig, arch: TinyArch) -> dict:
         "train_seconds": round(wall_s, 1),
         "final_loss": float(np.mean(losses[-100:])),
         "heldout_seeds": [heldout.start, heldout.stop],
-        "heldout_accuracy": evaluate(model, processor, formatter, spec, load_examples(heldout, spec)) if cfg.heldout else {},
+        "heldout_accuracy": scores,
     }
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -264,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
     p.add_argument("--heldout", type=int, default=d.heldout, help="held-out images scored at the end")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (results depend on it)")
+    p.add_argument("--init", help="continue from this checkpoint's weights (same architecture) instead of random ones")
     for name in ARCH_FLAGS:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(SHAPES_ARCH, name))
     args = vars(p.parse_args(argv))

@@ -78,6 +78,15 @@ class AnyresSpec:
         )
 
 
+def _is_plain_rgb(image: Image.Image) -> bool:
+    """RGB without transparency and upright: what the RGB conversion would return unchanged."""
+    return (
+        image.mode == "RGB"
+        and image.info.get("transparency") is None
+        and image.getexif().get(0x0112, 1) == 1
+    )
+
+
 def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Bytes to an RGB PIL image, upright, within the limits.
 
@@ -100,6 +109,8 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
                 )
             image.seek(0)
             image.load()
+            if _is_plain_rgb(image):
+                return image  # the common photo: nothing to convert, so skip two full-image copies
             image = ImageOps.exif_transpose(image)
             rgb = convert_to_rgb(image, return_numpy=True)
     except ImageError:

@@ -100,6 +100,7 @@ def ray_local(s3_server):
     import ray
 
     ray.init(
+        address="local",  # a new instance, never a cluster some other process left running
         num_cpus=6,
         include_dashboard=False,
         runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},

@@ -69,7 +69,8 @@ def describe(env: dict[str, Any]) -> str:
     gpu = env["gpu"] or "no GPU"
     return (
         f"{env['cpu']}, {env['cores']} cores ({env['cores_usable']} usable), {env['memory_gib']} GiB, {gpu}; "
-        f"Python {env['python']}; {libs}; load average {env['load_average_1m']} at start"
+        f"Python {env['python']}; {libs}; load average {env['load_average_1m']} at start, "
+        f"{env.get('load_average_1m_end', '?')} at end"
     )
 
 

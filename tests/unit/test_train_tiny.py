@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from actors.engine import Engine
-from jobs.train_tiny import IGNORE, Batcher, TrainConfig, load_examples, normalise, prompt_ids, train
+from jobs.train_tiny import (
+    IGNORE,
+    Batcher,
+    TrainConfig,
+    load_examples,
+    normalise,
+    prompt_ids,
+    train,
+)
 from pipeline import synthetic
 from pipeline.config import EngineConfig
 from pipeline.preprocess import prepare
@@ -20,6 +28,10 @@ STEPS = 3
 
 def _short(out: Path) -> TrainConfig:
     return TrainConfig(out_dir=str(out), steps=STEPS, images=8, batch_size=4, warmup=2, heldout=2)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +48,13 @@ def engine(trained) -> Engine:
 def test_a_seed_gives_byte_identical_weights(trained, tmp_path):
     out, _ = trained
     train(_short(tmp_path / "again"))
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-    assert digest(out / "model.safetensors") == digest(tmp_path / "again" / "model.safetensors")
+    assert _digest(out / "model.safetensors") == _digest(tmp_path / "again" / "model.safetensors")
 
 
 def test_checkpoint_has_processor_template_and_report(trained):
     out, report = trained
-    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= names
     saved = json.loads((out / "train_report.json").read_text())
     assert saved["config"]["steps"] == STEPS and saved["config"]["seed"] == 0
     assert set(saved["heldout_accuracy"]) == {"shape", "colour"}
@@ -80,6 +92,7 @@ def test_labels_cover_the_answers_and_their_ends_only(trained, engine):
 def test_the_trained_checkpoint_answers_through_the_engine(engine, trained):
     sample = synthetic.make_sample(synthetic.HELDOUT_BASE)
     prepared = prepare(sample.encoded(), engine.spec)
-    request = GenerationRequest(engine.format_question("What shape is in the image?", 1), [prepared.tiles], [prepared.size])
+    prompt = engine.format_question("What shape is in the image?", 1)
+    request = GenerationRequest(prompt, [prepared.tiles], [prepared.size])
     [result] = engine.generate([request])
     assert result.error is None and result.num_output_tokens >= 1
