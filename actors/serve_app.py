@@ -55,6 +55,13 @@ class BatchStats:
         self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
 
 
+def admission_bound(options: ServeOptions) -> int | None:
+    """Requests one replica holds at most (running + queued); None when the queue is unbounded."""
+    if options.max_queued_requests < 0:
+        return None
+    return options.max_ongoing_requests + options.max_queued_requests
+
+
 def error_response(exc: api.ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
@@ -78,6 +85,10 @@ class LlavaNextServer:
         self.engine = Engine(options.engine_config())
         self.limits = ImageLimits(options.max_image_bytes, options.max_image_pixels)
         self.stats = BatchStats()
+        # Admission: up to max_ongoing_requests run, up to max_queued_requests more wait here, and
+        # the rest get an OpenAI-shaped 503 at once (Serve's proxy queue is only a backstop).
+        self._running = asyncio.Semaphore(options.max_ongoing_requests)
+        self._admitted = 0
         # One thread runs the model, so the event loop keeps parsing and preparing new requests.
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="generate")
         self._generate_batch.set_max_batch_size(options.max_batch_size)
@@ -120,6 +131,21 @@ class LlavaNextServer:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
+        bound = admission_bound(self.options)
+        if bound is not None and self._admitted >= bound:
+            self._requests.inc(tags={"status": "503"})
+            return error_response(api.ApiError(
+                503, f"the server is busy: {self._admitted} requests running or queued; retry later",
+                "server_error", "queue_full",
+            ))
+        self._admitted += 1
+        try:
+            async with self._running:
+                return await self._chat_completions(request)
+        finally:
+            self._admitted -= 1
+
+    async def _chat_completions(self, request: Request) -> Response:
         start = time.perf_counter()
         try:
             self._authorize(request)
@@ -231,10 +257,15 @@ def gpus_for(options: ServeOptions) -> float:
 
 
 def application(options: ServeOptions) -> serve.Application:
-    """The bound application for `serve.run`, with the replica options applied."""
+    """The bound application for `serve.run`, with the replica options applied.
+
+    Serve lets twice the replica's bound through, so the overflow reaches the replica and is
+    refused there with an OpenAI-shaped 503 instead of waiting in the proxy.
+    """
+    bound = admission_bound(options)
     return LlavaNextServer.options(
         num_replicas=options.replicas,
-        max_ongoing_requests=options.max_ongoing_requests,
+        max_ongoing_requests=2 * bound if bound is not None else options.max_ongoing_requests,
         max_queued_requests=options.max_queued_requests,
         ray_actor_options={"num_gpus": gpus_for(options)},
     ).bind(options)

@@ -247,20 +247,21 @@ def test_errors_are_openai_shaped_and_harmless(server, urls, case):
 
 
 def test_full_queue_answers_503_not_a_hang(server):
-    """16 ongoing + 32 queued fit; of 96 simultaneous requests the rest are turned away at once.
-
-    The 503 comes from Serve's proxy, whose body is plain text, not the OpenAI error shape.
-    """
+    """16 ongoing + 32 queued fit; of 96 simultaneous requests the rest are turned away at once,
+    with an OpenAI-shaped body."""
     barrier = threading.Barrier(96)
 
-    def one(_) -> tuple[int, float]:
+    def one(_) -> tuple[int, float, str]:
         barrier.wait()
         start = time.perf_counter()
-        status = _post(server, _chat(max_tokens=200))[0]
-        return status, time.perf_counter() - start
+        status, body = _post(server, _chat(max_tokens=200))
+        return status, time.perf_counter() - start, body
 
     with ThreadPoolExecutor(96) as pool:
-        outcomes = list(pool.map(one, range(96)))
+        results = list(pool.map(one, range(96)))
+    outcomes = [(status, seconds) for status, seconds, _ in results]
+    refusals = [json.loads(body) for status, _, body in results if status == 503]
+    assert refusals and all(r["error"]["code"] == "queue_full" for r in refusals)
     statuses = [status for status, _ in outcomes]
     assert statuses.count(503) > 0 and set(statuses) <= {200, 503}, statuses
     assert statuses.count(200) >= CONCURRENT
