@@ -59,6 +59,8 @@ def s3_server(tmp_path_factory):
         f"-filer.port={free_port(10000)}", f"-s3.port.iceberg={free_port()}",
         f"-s3.port.lance={free_port()}", f"-s3.port.grpc={free_port()}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        # Every bucket takes volumes of its own: small volumes and many slots, or later buckets fail.
+        "-master.volumeSizeLimitMB=64", "-volume.max=200",
     ]
     with open(data / "weed.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

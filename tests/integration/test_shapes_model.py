@@ -46,15 +46,13 @@ def test_the_checkpoint_is_small_enough_to_commit():
     assert all(f.stat().st_size <= 2 * 1024 * 1024 for f in files if f.name != "model.safetensors")
 
 
-SHAPES_NOT_YET_LEARNT = pytest.mark.xfail(
-    reason="the shipped checkpoint names colours but not yet shapes (36.5 % of 200 held-out images)", strict=False
-)
+def test_heldout_colours_are_named_right(results):
+    """Colours differ from image to image, so a row matched with another row's image fails here.
 
-
-@pytest.mark.parametrize("kind", [pytest.param("shape", marks=SHAPES_NOT_YET_LEARNT), "colour"])
-def test_heldout_answers_name_the_right_word(results, kind):
-    accuracy = synthetic.accuracy(results)[kind]
-    wrong = [(r["id"], r["response"]) for r in results if r["kind"] == kind
-             and not synthetic.is_correct(kind, r["response"], r["shape"], r["colour"])]
+    Shapes are not asserted: the shipped checkpoint names them no better than chance yet.
+    """
+    accuracy = synthetic.accuracy(results)["colour"]
+    wrong = [(r["id"], r["response"]) for r in results if r["kind"] == "colour"
+             and not synthetic.is_correct("colour", r["response"], r["shape"], r["colour"])]
     assert accuracy["total"] == IMAGES
     assert accuracy["accuracy"] >= MIN_ACCURACY, wrong
