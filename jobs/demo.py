@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = sorted(read_output(cfg.output).to_table().to_pylist(), key=lambda r: r["id"])
     print(f"model: {model}\noutput: {cfg.output}\n")
     print(summary_table(summary))
-    print("\nid                 question                        answer")
+    print(f"\n{'id':<20} {'question':<31} answer")
     for row in rows[:9] + [r for r in rows if r["id"] == "pair"]:
         question = row["prompt"].split("\n")[-1].replace(" [/INST]", "")
-        print(f"{row['id']:<18} {question[:30]:<31} {row['response']!r}")
+        print(f"{row['id']:<20} {question[:30]:<31} {row['response']!r}")
     scored = [r for r in rows if r["kind"]]
     accuracy = synthetic.accuracy(scored)
     print("\n" + ", ".join(f"{k}: {v['correct']}/{v['total']} right" for k, v in sorted(accuracy.items())))
