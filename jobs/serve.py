@@ -1,6 +1,6 @@
 """Serve LLaVA-NeXT over an OpenAI-compatible HTTP API until interrupted.
 
-Usage: python -m jobs.serve --model DIR [--host 127.0.0.1] [--port 8000] [--replicas N]
+Usage: python -m jobs.serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--replicas N]
        [--max-batch-size N] [--batch-wait-ms N] [--api-key KEY] [--allow-remote-images] ...
 
 Starts (or joins, with RAY_ADDRESS) a Ray cluster, runs the application of `actors.serve_app`
@@ -16,18 +16,23 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 from pipeline.config import ATTN_IMPLEMENTATIONS, DTYPES, PROMPT_FORMATS, QUANTIZATIONS, ServeOptions
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "LLAVA_SERVE_API_KEY"
+SHIPPED = Path(__file__).resolve().parent.parent / "actors" / "checkpoints" / "tiny-shapes"
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = ServeOptions(model="-")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="checkpoint directory (LLaVA-NeXT, transformers format)")
+    p.add_argument(
+        "--model", default=str(SHIPPED),
+        help="checkpoint directory (LLaVA-NeXT, transformers format; default: the shipped shapes model)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=d.replicas)
