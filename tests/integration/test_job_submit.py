@@ -42,6 +42,10 @@ def head_node(tmp_path):
         str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
         "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
         "--num-cpus", "3", "--include-dashboard", "true", "--disable-usage-stats",
+        # Ports of their own: another Ray on this machine (the tests' local one) holds the defaults.
+        "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+        "--ray-client-server-port", str(free_port()),
         "--temp-dir", tempfile.mkdtemp(prefix="ray-"),  # short: Ray's socket paths must fit 107 bytes
     ]
     with open(tmp_path / "ray-start.log", "wb") as log:
