@@ -82,12 +82,11 @@ class Engine:
         self.formatter = prompts.Formatter.from_processor(
             self.processor, getattr(self.model.config.text_config, "model_type", None), cfg.prompt_format
         )
-        self.prompt_format = self.formatter.fmt
         self._mean = torch.tensor(self.spec.image_mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.spec.image_std, device=self.device).view(1, 3, 1, 1)
         log.info(
             "engine ready: %s on %s (%s, attention %s, quantization %s, prompt format %s)",
-            cfg.model, self.device, self.dtype, cfg.attn_implementation, cfg.quantization, self.prompt_format,
+            cfg.model, self.device, self.dtype, cfg.attn_implementation, cfg.quantization, self.formatter.fmt,
         )
 
     def _eos_ids(self) -> set[int]:

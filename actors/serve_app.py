@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -113,21 +114,13 @@ class LlavaNextServer:
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
-        try:
-            self._authorize(request)
-        except api.ApiError as exc:
-            return error_response(exc)
         model = {"id": self.engine.model_name, "object": "model", "created": 0, "owned_by": "llava-next-ray"}
-        return JSONResponse({"object": "list", "data": [model]})
+        return self._json_if_authorized(request, lambda: {"object": "list", "data": [model]})
 
     @app.get("/v1/stats")
     async def batch_stats(self, request: Request) -> Response:
         """This replica's batch counts (each replica answers for itself)."""
-        try:
-            self._authorize(request)
-        except api.ApiError as exc:
-            return error_response(exc)
-        return JSONResponse(dataclasses.asdict(self.stats))
+        return self._json_if_authorized(request, lambda: dataclasses.asdict(self.stats))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -195,6 +188,14 @@ class LlavaNextServer:
         return results
 
     # ---- helpers ------------------------------------------------------------------------------
+
+    def _json_if_authorized(self, request: Request, body: Callable[[], Any]) -> Response:
+        """A read-only route's JSON body, or the OpenAI-shaped 401 when the key is wrong."""
+        try:
+            self._authorize(request)
+        except api.ApiError as exc:
+            return error_response(exc)
+        return JSONResponse(body())
 
     def _authorize(self, request: Request) -> None:
         key = self.options.api_key

@@ -1,13 +1,17 @@
 """Train a tiny LLaVA-NeXT from scratch on synthetic shapes, on a CPU, and save it.
 
-Usage: python -m jobs.train_tiny OUTDIR [--steps N] [--seed S] [--images N] [--lr LR] [--init DIR]
-       [--threads T] [--vision-width W] [--vision-layers L] [--text-width W] [--text-layers L]
+Usage: python -m jobs.train_tiny OUTDIR [--steps N] [--seed S] [--vision-steps N] [--images N] [--lr LR]
+       [--threads T] [--workers W] [--eval-every N] [--probe-weight W] [--vision-width W] ...
 
-Training goes through the project's own image path (encoded bytes -> `pipeline.preprocess.prepare`
--> uint8 tiles -> the engine's normalisation) and the checkpoint's own chat template, so the saved
+Two stages, every image freshly rendered: a vision stage teaches the CLIP tower shapes and colours
+through a training-only head on each image's base tile (LLaVA's tower comes pretrained; ours does
+not), then the whole model learns to answer, with that head's loss kept on. Training goes through
+the project's own image path (encoded bytes -> `pipeline.preprocess.prepare` -> uint8 tiles ->
+the engine's normalisation) and the checkpoint's own chat template, so the saved
 model answers through the batch job and the server exactly as it answered here. The same seed,
 step count and thread count write the same weights. One thread is the default: on a shared
-machine two OpenMP threads that wait on each other run many times slower than one.
+machine two OpenMP threads that wait on each other run many times slower than one, and loader
+workers render the next batches meanwhile.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlavaNextForConditionalGeneration
+import torch.nn.functional as F
 
 from jobs.make_tiny_model import TinyArch, build_untrained
 from pipeline import synthetic
@@ -50,6 +54,7 @@ SHAPES_ARCH = TinyArch(
 ARCH_FLAGS = ("vision_width", "vision_layers", "text_width", "text_layers")
 EVAL_KINDS = ("shape", "colour")
 IGNORE = -100
+TRUTH = "truth"  # the batch entry the vision probe learns from; not a model input
 
 
 @dataclass(frozen=True)
@@ -59,18 +64,38 @@ class TrainConfig:
     out_dir: str
     steps: int = 3000
     seed: int = 0
-    images: int = 3000
+    images: int | None = None
     batch_size: int = 16
     lr: float = 2e-3
     warmup: int = 200
     weight_decay: float = 0.01
-    heldout: int = 60
+    heldout: int = 100
     threads: int = 1
-    init: str | None = None
+    workers: int = 2
+    eval_every: int = 500
+    probe_weight: float = 1.0
+    vision_steps: int = 1000
+    vision_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if min(self.steps, self.images, self.batch_size, self.threads) < 1 or self.heldout < 0:
+        if min(self.steps, self.batch_size, self.vision_batch_size, self.threads) < 1 or (self.images is not None and self.images < 1):
             raise ValueError("steps, images, batch size and threads must be positive")
+        if min(self.heldout, self.workers, self.eval_every, self.probe_weight, self.vision_steps) < 0:
+            raise ValueError("held-out images, workers and the evaluation interval cannot be negative")
+        if self.draws > synthetic.TRAIN_STRIDE and self.images is None:
+            raise ValueError(f"at most {synthetic.TRAIN_STRIDE} fresh images per run; pass --images")
+
+    @property
+    def draws(self) -> int:
+        """Images drawn in a run: the vision stage's, then the answer stage's."""
+        return self.vision_steps * self.vision_batch_size + self.steps * self.batch_size
+
+    def image_seed(self, draw: int, rng: np.random.Generator) -> int:
+        """The image seed of the run's `draw`-th image: fresh every time, or one of `images` fixed ones."""
+        first = synthetic.train_seeds(self.seed, 0).start
+        if self.images is None:
+            return first + draw
+        return first + int(rng.integers(self.images))
 
 
 @dataclass
@@ -101,24 +126,33 @@ def prompt_ids(tokenizer, formatter: Formatter, spec: AnyresSpec, question: str,
     return tokenizer(before + IMAGE_TOKEN * spec.num_image_tokens(size) + after)["input_ids"]
 
 
+def load_example(seed: int, spec: AnyresSpec) -> Example:
+    """Render one sample, encode it as a file and tile it through the job's own `prepare`."""
+    sample = synthetic.make_sample(seed)
+    prepared = prepare(sample.encoded(), spec)
+    return Example(prepared.tiles, prepared.size, sample.shape, sample.colour)
+
+
 def load_examples(seeds: range, spec: AnyresSpec) -> list[Example]:
-    """Render, encode and tile every image once; steps then only index into memory."""
-    examples = []
-    for seed in seeds:
-        sample = synthetic.make_sample(seed)
-        prepared = prepare(sample.encoded(), spec)
-        examples.append(Example(prepared.tiles, prepared.size, sample.shape, sample.colour))
-    return examples
+    """Several examples, in seed order."""
+    return [load_example(seed, spec) for seed in seeds]
 
 
-class Batcher:
-    """Random (image, question) pairs as padded model inputs with labels on the answer only."""
+class Batches(torch.utils.data.Dataset):
+    """Batch `k` of a run as padded model inputs, labels on the answers only, fixed by (seed, k).
 
-    def __init__(self, examples: list[Example], processor, formatter: Formatter, spec: AnyresSpec, seed: int):
-        self.examples, self.tokenizer, self.formatter, self.spec = examples, processor.tokenizer, formatter, spec
-        self.rng = np.random.default_rng(seed)
+    Every batch renders its own images, so a long run never sees an image twice and cannot learn
+    the training set by heart. Since a batch depends on nothing but its index, a loader worker can
+    build the next batches on another core and the weights stay the same with any worker count.
+    """
+
+    def __init__(self, cfg: TrainConfig, processor, formatter: Formatter, spec: AnyresSpec):
+        self.cfg, self.tokenizer, self.formatter, self.spec = cfg, processor.tokenizer, formatter, spec
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return self.cfg.steps
 
     def sequence(self, example: Example, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
         """Input ids and labels for several questions about one image, answers and ends learnt.
@@ -140,23 +174,26 @@ class Batcher:
             labels += [IGNORE] * len(prompt) + reply_ids
         return ids, labels
 
-    def turns(self) -> list[tuple[str, str]]:
+    @staticmethod
+    def turns(rng: np.random.Generator) -> list[tuple[str, str]]:
         """Every kind of question once, in a random order, each in a random wording."""
-        kinds = [synthetic.KINDS[k] for k in self.rng.permutation(len(synthetic.KINDS))]
-        return [(k, synthetic.QUESTIONS[k][self.rng.integers(len(synthetic.QUESTIONS[k]))]) for k in kinds]
+        kinds = [synthetic.KINDS[k] for k in rng.permutation(len(synthetic.KINDS))]
+        return [(k, synthetic.QUESTIONS[k][rng.integers(len(synthetic.QUESTIONS[k]))]) for k in kinds]
 
-    def next(self, batch_size: int) -> dict[str, torch.Tensor]:
-        picks = self.rng.integers(len(self.examples), size=batch_size)
-        rows, tiles, sizes = [], [], []
-        for i in picks:
-            example = self.examples[i]
-            rows.append(self.sequence(example, self.turns()))
-            tiles.append(example.tiles)
-            sizes.append(list(example.size))
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, 1, step])
+        first = cfg.vision_steps * cfg.vision_batch_size + step * cfg.batch_size
+        examples = [load_example(cfg.image_seed(first + j, rng), self.spec) for j in range(cfg.batch_size)]
+        return self.collate(examples, [self.turns(rng) for _ in examples])
+
+    def collate(self, examples: list[Example], turns: list[list[tuple[str, str]]]) -> dict[str, torch.Tensor]:
+        """Right-padded ids, labels and mask, with the zero-padded pixels of every example."""
+        rows = [self.sequence(e, t) for e, t in zip(examples, turns)]
         width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((batch_size, width), self.pad, dtype=torch.long)
-        labels = torch.full((batch_size, width), IGNORE, dtype=torch.long)
-        attention = torch.zeros((batch_size, width), dtype=torch.long)
+        input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
         for r, (ids, lab) in enumerate(rows):
             input_ids[r, : len(ids)] = torch.tensor(ids)
             labels[r, : len(lab)] = torch.tensor(lab)
@@ -165,16 +202,90 @@ class Batcher:
             "input_ids": input_ids,
             "attention_mask": attention,
             "labels": labels,
-            "pixel_values": normalise(tiles, self.spec),
-            "image_sizes": torch.tensor(sizes, dtype=torch.long),
+            "pixel_values": normalise([e.tiles for e in examples], self.spec),
+            "image_sizes": torch.tensor([list(e.size) for e in examples], dtype=torch.long),
+            TRUTH: torch.tensor([VisionProbe.classes(e) for e in examples], dtype=torch.long),
         }
 
 
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to zero."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+class BaseTiles(torch.utils.data.Dataset):
+    """Batch `k` of the vision stage: the base tiles of fresh images and their truth.
+
+    The base tile is the whole image at crop size; that is all the vision stage learns from, so
+    it costs a fraction of a full step and draws images faster than the answer stage.
+    """
+
+    def __init__(self, cfg: TrainConfig, spec: AnyresSpec):
+        self.cfg, self.spec = cfg, spec
+
+    def __len__(self) -> int:
+        return self.cfg.vision_steps
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.cfg.seed, 0, step])
+        size = self.cfg.vision_batch_size
+        examples = [load_example(self.cfg.image_seed(step * size + j, rng), self.spec) for j in range(size)]
+        return {
+            "pixel_values": normalise([e.tiles[:1] for e in examples], self.spec),
+            TRUTH: torch.tensor([VisionProbe.classes(e) for e in examples], dtype=torch.long),
+        }
+
+
+class VisionProbe(torch.nn.Module):
+    """A training-only head that names shape and colour from the base tile's vision features.
+
+    The answer loss alone reaches the vision tower through the projector and the language model;
+    on its own it left shapes at chance for thousands of steps while colours were learnt at once.
+    LLaVA starts from a pretrained CLIP; ours starts from random weights, so a vision stage first
+    trains the tower with this head, which reads the features the projector reads (the patch
+    tokens of the feature layer, averaged), and the head stays on as a second loss while the
+    answers are learnt. It is never saved: the checkpoint is the plain model.
+    """
+
+    def __init__(self, model, seed: int):
+        super().__init__()
+        self.tower = model.model.vision_tower
+        self.layer = model.config.vision_feature_layer
+        generator = torch.Generator().manual_seed(seed)
+        width = model.config.vision_config.hidden_size
+        self.head = torch.nn.Linear(width, len(synthetic.SHAPES) + len(synthetic.COLOURS))
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=generator) * width**-0.5)
+            self.head.bias.zero_()
+
+    @staticmethod
+    def classes(example: Example) -> tuple[int, int]:
+        return synthetic.SHAPES.index(example.shape), list(synthetic.COLOURS).index(example.colour)
+
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Shape logits then colour logits; tile 0 of every image is its base tile."""
+        hidden = self.tower(pixel_values[:, 0], output_hidden_states=True).hidden_states[self.layer]
+        return self.head(hidden[:, 1:].mean(1))  # without CLS, as the projector is fed
+
+    def forward(self, pixel_values: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the shape plus that of the colour."""
+        logits = self.logits(pixel_values)
+        shapes = len(synthetic.SHAPES)
+        return F.cross_entropy(logits[:, :shapes], truth[:, 0]) + F.cross_entropy(logits[:, shapes:], truth[:, 1])
+
+    @torch.inference_mode()
+    def accuracy(self, examples: list[Example], spec: AnyresSpec) -> dict[str, float]:
+        """How often the head names the shape and the colour of held-out images."""
+        logits = self.logits(normalise([e.tiles[:1] for e in examples], spec))
+        truth = torch.tensor([self.classes(e) for e in examples])
+        shapes = len(synthetic.SHAPES)
+        return {
+            "shape": round((logits[:, :shapes].argmax(1) == truth[:, 0]).float().mean().item(), 4),
+            "colour": round((logits[:, shapes:].argmax(1) == truth[:, 1]).float().mean().item(), 4),
+        }
+
+
+def learning_rate(step: int, steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to zero at `steps`."""
+    warmup = min(cfg.warmup, steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -217,47 +328,116 @@ def _train(cfg: TrainConfig, arch: TinyArch) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     processor, model = build_untrained(arch, cfg.seed)
-    if cfg.init:
-        model.load_state_dict(LlavaNextForConditionalGeneration.from_pretrained(cfg.init).state_dict())
-        log.info("continuing from the weights of %s", cfg.init)
     processor.save_pretrained(out)  # the spec is read from the saved files, as the job reads it
     spec = AnyresSpec.from_checkpoint(str(out))
     formatter = Formatter.from_processor(processor, model.config.text_config.model_type)
-    examples = load_examples(synthetic.train_seeds(cfg.seed, cfg.images), spec)
-    prepare_s = time.perf_counter() - start
-    log.info("prepared %d training images in %.0f s", len(examples), prepare_s)
-    batcher = Batcher(examples, processor, formatter, spec, cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model.train()
-    losses: list[float] = []
-    for step in range(cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
-        loss = model(**batcher.next(cfg.batch_size)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
-            elapsed = time.perf_counter() - start
-            log.info("step %d/%d loss %.4f (%.0f s)", step + 1, cfg.steps, np.mean(losses[-100:]), elapsed)
+    heldout = synthetic.heldout_seeds(0, cfg.heldout)
+    heldout_examples = load_examples(heldout, spec)
+    probe = VisionProbe(model, cfg.seed)
+    vision = _vision_stage(cfg, probe, spec, heldout_examples) if cfg.vision_steps else {}
+    losses, probe_losses, curve = _answer_stage(cfg, model, probe, processor, formatter, spec, heldout_examples)
     model.eval()
     wall_s = time.perf_counter() - start
     model.save_pretrained(out)
-    heldout = synthetic.heldout_seeds(0, cfg.heldout)
-    scores = evaluate(model, processor, formatter, spec, load_examples(heldout, spec)) if cfg.heldout else {}
+    scores = _score(model, processor, formatter, spec, heldout_examples) if heldout_examples else {}
     report = {
         "config": {k: v for k, v in asdict(cfg).items() if k != "out_dir"},
         "arch": asdict(arch),
-        "prepare_seconds": round(prepare_s, 1),
         "train_seconds": round(wall_s, 1),
+        "vision_stage": vision,
         "final_loss": float(np.mean(losses[-100:])),
+        "final_probe_loss": float(np.mean(probe_losses[-100:])),
         "heldout_seeds": [heldout.start, heldout.stop],
         "heldout_accuracy": scores,
+        "heldout_curve": curve,
     }
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _answer_stage(cfg: TrainConfig, model, probe: VisionProbe, processor, formatter: Formatter, spec: AnyresSpec,
+                  heldout: list[Example]) -> tuple[list[float], list[float], list[dict]]:
+    """Train the whole model on answers (plus the probe's loss); the per-step losses and the held-out curve."""
+    start = time.perf_counter()
+    loader = _loader(Batches(cfg, processor, formatter, spec), cfg)
+    params = list(model.parameters()) + (list(probe.head.parameters()) if cfg.probe_weight else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    losses: list[float] = []
+    probe_losses: list[float] = []
+    curve: list[dict] = []
+    for step, batch in enumerate(loader):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg.steps, cfg)
+        truth = batch.pop(TRUTH)
+        answer_loss = model(**batch).loss
+        probe_loss = probe(batch["pixel_values"], truth) if cfg.probe_weight else torch.zeros(())
+        loss = answer_loss + cfg.probe_weight * probe_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(answer_loss.item())
+        probe_losses.append(probe_loss.item())
+        done = step + 1
+        if done % 100 == 0 or done == cfg.steps:
+            elapsed = time.perf_counter() - start
+            log.info(
+                "step %d/%d answer loss %.4f probe loss %.4f (%.0f s)",
+                done, cfg.steps, np.mean(losses[-100:]), np.mean(probe_losses[-100:]), elapsed,
+            )
+        if cfg.eval_every and heldout and done % cfg.eval_every == 0 and done < cfg.steps:
+            scores = _score(model, processor, formatter, spec, heldout)
+            curve.append({"step": done, **scores})
+            log.info("step %d held-out accuracy %s", done, json.dumps(scores))
+    return losses, probe_losses, curve
+
+
+def _loader(dataset: torch.utils.data.Dataset, cfg: TrainConfig) -> torch.utils.data.DataLoader:
+    """Batches in index order, built ahead by `cfg.workers` processes (or inline with none)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None
+    )
+
+
+def _vision_stage(cfg: TrainConfig, probe: VisionProbe, spec: AnyresSpec, heldout: list[Example]) -> dict:
+    """Train the vision tower and the probe's head on base tiles; the rest of the model waits."""
+    start = time.perf_counter()
+    params = list(probe.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    probe.train()
+    losses: list[float] = []
+    for step, batch in enumerate(_loader(BaseTiles(cfg, spec), cfg)):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg.vision_steps, cfg)
+        loss = probe(batch["pixel_values"], batch[TRUTH])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0 or step + 1 == cfg.vision_steps:
+            log.info("vision step %d/%d probe loss %.4f (%.0f s)", step + 1, cfg.vision_steps,
+                     np.mean(losses[-100:]), time.perf_counter() - start)
+    probe.eval()
+    report = {
+        "seconds": round(time.perf_counter() - start, 1),
+        "final_probe_loss": float(np.mean(losses[-100:])),
+        "heldout_probe_accuracy": probe.accuracy(heldout, spec) if heldout else {},
+    }
+    log.info("vision stage done: %s", json.dumps(report))
+    return report
+
+
+def _score(model, processor, formatter: Formatter, spec: AnyresSpec, examples: list[Example]) -> dict[str, float]:
+    """Held-out accuracy per question kind, the model left in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        scores = evaluate(model, processor, formatter, spec, examples)
+    finally:
+        model.train(was_training)
+    return {kind: round(v["accuracy"], 4) for kind, v in scores.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -266,12 +446,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out_dir", help="directory to write the trained checkpoint into")
     p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps")
     p.add_argument("--seed", type=int, default=d.seed, help="initialisation, data order and training images")
-    p.add_argument("--images", type=int, default=d.images, help="distinct training images")
+    p.add_argument("--images", type=int, default=d.images,
+                   help="draw from this many fixed training images (default: a fresh image every draw)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
     p.add_argument("--heldout", type=int, default=d.heldout, help="held-out images scored at the end")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (results depend on it)")
-    p.add_argument("--init", help="continue from this checkpoint's weights (same architecture) instead of random ones")
+    p.add_argument("--workers", type=int, default=d.workers, help="processes rendering batches ahead (0: inline)")
+    p.add_argument("--probe-weight", type=float, default=d.probe_weight,
+                   help="weight of the vision tower's direct shape/colour loss (0: answers only)")
+    p.add_argument("--vision-steps", type=int, default=d.vision_steps,
+                   help="steps of the vision stage (base tiles, shape/colour labels) before the answers")
+    p.add_argument("--vision-batch-size", type=int, default=d.vision_batch_size)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="score the held-out images every N steps")
     for name in ARCH_FLAGS:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(SHAPES_ARCH, name))
     args = vars(p.parse_args(argv))

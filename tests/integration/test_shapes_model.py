@@ -46,13 +46,12 @@ def test_the_checkpoint_is_small_enough_to_commit():
     assert all(f.stat().st_size <= 2 * 1024 * 1024 for f in files if f.name != "model.safetensors")
 
 
-def test_heldout_colours_are_named_right(results):
-    """Colours differ from image to image, so a row matched with another row's image fails here.
-
-    Shapes are not asserted: the shipped checkpoint names them no better than chance yet.
-    """
-    accuracy = synthetic.accuracy(results)["colour"]
-    wrong = [(r["id"], r["response"]) for r in results if r["kind"] == "colour"
-             and not synthetic.is_correct("colour", r["response"], r["shape"], r["colour"])]
+@pytest.mark.parametrize("kind", ["shape", "colour"])
+def test_heldout_shapes_and_colours_are_named_right(results, kind):
+    """Colours and shapes differ from image to image, so a row matched with another row's image,
+    tiles put together in the wrong order or orientation, or a broken crop fail here."""
+    accuracy = synthetic.accuracy(results)[kind]
+    wrong = [(r["id"], r["response"]) for r in results if r["kind"] == kind
+             and not synthetic.is_correct(kind, r["response"], r["shape"], r["colour"])]
     assert accuracy["total"] == IMAGES
     assert accuracy["accuracy"] >= MIN_ACCURACY, wrong
