@@ -54,12 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.make_tiny_model import make_tiny_model
 
         model = str(make_tiny_model(work / "tiny-model"))
-    pq.write_table(demo_manifest(args.images), work / "manifest.parquet")
+    manifest = demo_manifest(args.images)
+    pq.write_table(manifest, work / "manifest.parquet")
+    # The output's prompt is the formatted one; the table shows the question as it was asked.
+    asked = dict(zip(manifest.column("id").to_pylist(), manifest.column("prompt").to_pylist(), strict=True))
 
     import ray
 
     from jobs.annotate import run
-    from pipeline.write import read_output, summary_table
+    from pipeline.write import read_rows, summary_table
 
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     cfg = AnnotateConfig(
@@ -71,12 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         cpu_workers=1,
     )
     summary = run(cfg)
-    rows = sorted(read_output(cfg.output).to_table().to_pylist(), key=lambda r: r["id"])
+    rows = sorted(read_rows(cfg.output).to_pylist(), key=lambda r: r["id"])
     print(f"model: {model}\noutput: {cfg.output}\n")
     print(summary_table(summary))
     print(f"\n{'id':<20} {'question':<31} answer")
     for row in rows[:9] + [r for r in rows if r["id"] == "pair"]:
-        question = row["prompt"].split("\n")[-1].replace(" [/INST]", "")
+        question = asked[row["id"]].replace("<image>", "").strip()
         print(f"{row['id']:<20} {question[:30]:<31} {row['response']!r}")
     scored = [r for r in rows if r["kind"]]
     accuracy = synthetic.accuracy(scored)

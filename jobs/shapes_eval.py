@@ -17,11 +17,11 @@ import json
 import logging
 from typing import Any
 
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline import synthetic
 from pipeline.read import arrow_filesystem, filesystem
+from pipeline.write import read_rows
 
 TRUTH_COLUMNS = ("kind", "shape", "colour")
 
@@ -36,9 +36,7 @@ def write_manifest(path: str, first: int, count: int) -> int:
 
 def read_results(uri: str) -> list[dict[str, Any]]:
     """The rows of a job's output (id, response, error and the kept truth columns)."""
-    fs, path = filesystem(uri)
-    ds = pads.dataset(path, format="parquet", filesystem=arrow_filesystem(fs))
-    return ds.to_table(columns=["id", "response", "error", *TRUTH_COLUMNS]).to_pylist()
+    return read_rows(uri, ["id", "response", "error", *TRUTH_COLUMNS]).to_pylist()
 
 
 def score(uri: str) -> dict[str, Any]:

@@ -39,6 +39,16 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> PyFileSystem:
     return PyFileSystem(FSSpecHandler(fs))
 
 
+def read_parquet_file(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file, fetched whole through fsspec and parsed in memory.
+
+    Reading through `arrow_filesystem` in the driver lets pyarrow's I/O threads call back into
+    Python, and the interpreter then often aborts at exit ("terminate called without an active
+    exception", status 134) after the work is done. Whole files in memory avoid that.
+    """
+    return pq.read_table(pa.BufferReader(fs.cat_file(path)), columns=columns)
+
+
 def manifest_files(uri: str) -> list[str]:
     """A Parquet file, a directory or prefix of Parquet files, or a glob -> the files (sorted)."""
     fs, path = filesystem(uri)

@@ -11,11 +11,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline.read import arrow_filesystem, filesystem
+from pipeline.read import arrow_filesystem, filesystem, read_parquet_file
+from pipeline.schemas import OUTPUT_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ def reconcile_output(uri: str) -> OutputState:
     state = OutputState()
     for file in _data_files(fs, path):
         try:
-            table = pq.read_table(file, filesystem=afs)
+            table = read_parquet_file(fs, file)
         except Exception as exc:  # a truncated file raises one of several arrow errors
             head, name = file.rsplit("/", 1)
             fs.mv(file, f"{head}/_partial-{name}")
@@ -105,6 +107,19 @@ def read_output(uri: str) -> pads.Dataset:
     return pads.dataset(path, format="parquet", filesystem=arrow_filesystem(fs), exclude_invalid_files=False)
 
 
+def read_rows(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """The output's rows in one table, for the job's summary and for scripts that score it.
+
+    Files are read with `read_parquet_file`, so a script that reads its results exits cleanly.
+    """
+    fs, path = filesystem(uri)
+    tables = [read_parquet_file(fs, f, columns) for f in _data_files(fs, path)]
+    if not tables:
+        empty = pa.schema([pa.field("id", pa.string()), *OUTPUT_FIELDS]).empty_table()
+        return empty.select(columns) if columns else empty
+    return pa.concat_tables(tables, promote_options="default")
+
+
 def summarize(uri: str, rows_in: int, wall_s: float, previous: OutputState | None = None) -> dict[str, Any]:
     """Count what the output really holds: rows, answers, errors by stage, tokens.
 
@@ -112,7 +127,7 @@ def summarize(uri: str, rows_in: int, wall_s: float, previous: OutputState | Non
     retried; tokens count the whole output.
     """
     previous = previous or OutputState()
-    table = read_output(uri).to_table(columns=["id", "error", "num_input_tokens", "num_output_tokens"])
+    table = read_rows(uri, ["id", "error", "num_input_tokens", "num_output_tokens"])
     errors = [e for e in table.column("error").to_pylist() if e is not None]
     by_stage: dict[str, int] = {}
     for e in errors:

@@ -14,6 +14,7 @@ from jobs import annotate
 from pipeline.config import AnnotateConfig, EngineConfig
 from pipeline.read import arrow_filesystem, filesystem
 from pipeline.schemas import OUTPUT_COLUMNS
+from pipeline.write import read_rows
 from tests.helpers import encode, noise_image, reference_answer
 
 MAX_NEW = 8
@@ -45,8 +46,7 @@ def _run(tiny_model: str, input_uri: str, output_uri: str, **kwargs) -> dict:
 
 
 def _rows(output_uri: str) -> list[dict]:
-    fs, path = filesystem(output_uri)
-    return pads.dataset(path, format="parquet", filesystem=arrow_filesystem(fs)).to_table().to_pylist()
+    return read_rows(output_uri).to_pylist()
 
 
 def _assert_reference(rows: list[dict], images_of: dict, reference) -> None:

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from jobs import annotate
 from pipeline.config import AnnotateConfig, EngineConfig
-from pipeline.write import read_output
+from pipeline.write import read_rows
 from tests.conftest import free_port
 from tests.helpers import animated_gif, encode, exif_rotated, noise_image, reference_answer
 
@@ -33,7 +33,7 @@ def _run(tiny_model: str, input_uri: str, output_uri: str, **kwargs) -> dict:
 
 
 def _rows(uri: str) -> list[dict]:
-    return read_output(uri).to_table().to_pylist()
+    return read_rows(uri).to_pylist()
 
 
 def _upright(data: bytes) -> Image.Image:
