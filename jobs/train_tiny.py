@@ -78,7 +78,8 @@ class TrainConfig:
     vision_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if min(self.steps, self.batch_size, self.vision_batch_size, self.threads) < 1 or (self.images is not None and self.images < 1):
+        positive = (self.steps, self.batch_size, self.vision_batch_size, self.threads)
+        if min(positive) < 1 or (self.images is not None and self.images < 1):
             raise ValueError("steps, images, batch size and threads must be positive")
         if min(self.heldout, self.workers, self.eval_every, self.probe_weight, self.vision_steps) < 0:
             raise ValueError("held-out images, workers and the evaluation interval cannot be negative")

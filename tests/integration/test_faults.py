@@ -238,7 +238,9 @@ def _node_loss_job(tiny_model: str, glob: str, out: str, results) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    # No CPUs on the head: otherwise the generation actor may land there, and no worker node
+    # removal can then take it away mid-job.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
         workers = [cluster.add_node(num_cpus=3) for _ in range(2)]
         ray.init(address=cluster.address)
@@ -260,7 +262,8 @@ def _node_loss_job(tiny_model: str, glob: str, out: str, results) -> None:
         if victim is not None:
             cluster.remove_node(victim, allow_graceful=False)
         job.join(timeout=400)
-        results.put({"removed_mid_job": removed_mid_job, "finished": not job.is_alive(), **outcome})
+        results.put({"victim_found": victim is not None, "removed_mid_job": removed_mid_job,
+                     "finished": not job.is_alive(), **outcome})
     except Exception:
         results.put({"error": traceback.format_exc()})
     finally:
