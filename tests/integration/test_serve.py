@@ -267,3 +267,41 @@ def test_full_queue_answers_503_not_a_hang(server):
     assert statuses.count(200) >= CONCURRENT
     assert max(seconds for status, seconds in outcomes if status == 503) < 5.0
     assert _post(server, _chat())[0] == 200
+
+
+@pytest.fixture(scope="module")
+def shapes_client(server):
+    """`python -m jobs.serve`'s default model, the shipped shapes checkpoint, as a second app."""
+    from openai import OpenAI
+    from ray import serve
+
+    from actors.serve_app import build_app
+    from jobs.serve import build_parser
+
+    model = build_parser().parse_args([]).model
+    serve.run(build_app({"model": model, "gpus_per_replica": 0, "max_new_tokens": 8}),
+              name="shapes-test", route_prefix="/shapes")
+    yield OpenAI(base_url=f"{server}/shapes/v1", api_key="unused", max_retries=0, timeout=120)
+    serve.delete("shapes-test")
+
+
+def test_the_default_served_model_names_shapes_and_colours(shapes_client):
+    """What a new user of `python -m jobs.serve` sees: right answers about images they send."""
+    from pipeline import synthetic
+
+    model = shapes_client.models.list().data[0].id
+    right = {"shape": 0, "colour": 0}
+    seeds = synthetic.heldout_seeds(30_000, 6)
+    for seed in seeds:
+        sample = synthetic.make_sample(seed)
+        mime = "jpeg" if sample.fmt == "JPEG" else "png"
+        url = f"data:image/{mime};base64," + base64.b64encode(sample.encoded()).decode()
+        for kind in right:
+            messages = [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": synthetic.QUESTIONS[kind][0]},
+            ]}]
+            reply = shapes_client.chat.completions.create(model=model, messages=messages, max_tokens=8)
+            answer = reply.choices[0].message.content
+            right[kind] += synthetic.is_correct(kind, answer, sample.shape, sample.colour)
+    assert right["shape"] >= len(seeds) - 1 and right["colour"] == len(seeds), right
