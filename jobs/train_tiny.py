@@ -263,21 +263,25 @@ class VisionProbe(torch.nn.Module):
         hidden = self.tower(pixel_values[:, 0], output_hidden_states=True).hidden_states[self.layer]
         return self.head(hidden[:, 1:].mean(1))  # without CLS, as the projector is fed
 
-    def forward(self, pixel_values: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the shape plus that of the colour."""
+    def split_logits(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shape logits and colour logits, apart."""
         logits = self.logits(pixel_values)
         shapes = len(synthetic.SHAPES)
-        return F.cross_entropy(logits[:, :shapes], truth[:, 0]) + F.cross_entropy(logits[:, shapes:], truth[:, 1])
+        return logits[:, :shapes], logits[:, shapes:]
+
+    def forward(self, pixel_values: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the shape plus that of the colour."""
+        shape, colour = self.split_logits(pixel_values)
+        return F.cross_entropy(shape, truth[:, 0]) + F.cross_entropy(colour, truth[:, 1])
 
     @torch.inference_mode()
     def accuracy(self, examples: list[Example], spec: AnyresSpec) -> dict[str, float]:
         """How often the head names the shape and the colour of held-out images."""
-        logits = self.logits(normalise([e.tiles[:1] for e in examples], spec))
+        shape, colour = self.split_logits(normalise([e.tiles[:1] for e in examples], spec))
         truth = torch.tensor([self.classes(e) for e in examples])
-        shapes = len(synthetic.SHAPES)
         return {
-            "shape": round((logits[:, :shapes].argmax(1) == truth[:, 0]).float().mean().item(), 4),
-            "colour": round((logits[:, shapes:].argmax(1) == truth[:, 1]).float().mean().item(), 4),
+            "shape": round((shape.argmax(1) == truth[:, 0]).float().mean().item(), 4),
+            "colour": round((colour.argmax(1) == truth[:, 1]).float().mean().item(), 4),
         }
 
 
@@ -368,16 +372,10 @@ def _answer_stage(cfg: TrainConfig, model, probe: VisionProbe, processor, format
     probe_losses: list[float] = []
     curve: list[dict] = []
     for step, batch in enumerate(loader):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg.steps, cfg)
         truth = batch.pop(TRUTH)
         answer_loss = model(**batch).loss
         probe_loss = probe(batch["pixel_values"], truth) if cfg.probe_weight else torch.zeros(())
-        loss = answer_loss + cfg.probe_weight * probe_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        _optimise(optimizer, params, answer_loss + cfg.probe_weight * probe_loss, learning_rate(step, cfg.steps, cfg))
         losses.append(answer_loss.item())
         probe_losses.append(probe_loss.item())
         done = step + 1
@@ -392,6 +390,16 @@ def _answer_stage(cfg: TrainConfig, model, probe: VisionProbe, processor, format
             curve.append({"step": done, **scores})
             log.info("step %d held-out accuracy %s", done, json.dumps(scores))
     return losses, probe_losses, curve
+
+
+def _optimise(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor, lr: float) -> None:
+    """One AdamW step at `lr` on `loss`, gradients clipped to norm 1 (both stages step alike)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
 
 
 def _loader(dataset: torch.utils.data.Dataset, cfg: TrainConfig) -> torch.utils.data.DataLoader:
@@ -409,13 +417,8 @@ def _vision_stage(cfg: TrainConfig, probe: VisionProbe, spec: AnyresSpec, heldou
     probe.train()
     losses: list[float] = []
     for step, batch in enumerate(_loader(BaseTiles(cfg, spec), cfg)):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg.vision_steps, cfg)
         loss = probe(batch["pixel_values"], batch[TRUTH])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        _optimise(optimizer, params, loss, learning_rate(step, cfg.vision_steps, cfg))
         losses.append(loss.item())
         if (step + 1) % 100 == 0 or step + 1 == cfg.vision_steps:
             log.info("vision step %d/%d probe loss %.4f (%.0f s)", step + 1, cfg.vision_steps,

@@ -13,7 +13,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.read import arrow_filesystem, filesystem, read_parquet_file
@@ -99,12 +98,6 @@ def write_json(uri: str, name: str, payload: dict[str, Any]) -> None:
     fs, path = filesystem(uri)
     with fs.open(f"{path.rstrip('/')}/{name}", "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True, default=str)
-
-
-def read_output(uri: str) -> pads.Dataset:
-    """The output as a plain pyarrow dataset (what an analyst would open)."""
-    fs, path = filesystem(uri)
-    return pads.dataset(path, format="parquet", filesystem=arrow_filesystem(fs), exclude_invalid_files=False)
 
 
 def read_rows(uri: str, columns: list[str] | None = None) -> pa.Table:
