@@ -163,6 +163,33 @@ def _data_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(("_", ".")))
 
 
+def _settled_rows(folder: Path, quiet_s: float = 3.0, limit_s: float = 90.0) -> dict[Path, int]:
+    """Rows in each complete output file, once writes still in flight after the kill have stopped.
+
+    A file appears when its writer opens it, so right after the kill it may be empty or half
+    written, and the dead driver's write tasks may still finish or be cut off. Wait until no file
+    changes for `quiet_s`, then count only files with a readable footer, as the resume will.
+    """
+    def snapshot() -> dict[Path, int]:
+        return {p: p.stat().st_size for p in _data_files(folder)}
+
+    deadline = time.monotonic() + limit_s
+    last, since = snapshot(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, "output files kept changing after the driver was killed"
+        time.sleep(0.2)
+        now = snapshot()
+        if now != last:
+            last, since = now, time.monotonic()
+    rows = {}
+    for path in last:
+        try:
+            rows[path] = pq.read_metadata(path).num_rows
+        except (pa.ArrowInvalid, OSError):
+            continue  # cut short: the resume sets it aside
+    return rows
+
+
 def test_driver_killed_then_resumed(tiny_model, ray_local, tmp_path, reference):
     """SIGKILL the job's driver after its first output file, then finish it with --resume."""
     import ray
@@ -184,9 +211,10 @@ def test_driver_killed_then_resumed(tiny_model, ray_local, tmp_path, reference):
         time.sleep(0.05)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
-    written = sum(pq.read_metadata(f).num_rows for f in _data_files(out))
+    complete = _settled_rows(out)
+    written = sum(complete.values())
     assert 0 < written < len(images), "the kill must land mid-run"
-    whole = _data_files(out)[0].read_bytes()
+    whole = min(complete).read_bytes()
     (out / "zz-cut-short.parquet").write_bytes(whole[: len(whole) // 2])  # as a kill mid-write leaves
 
     summary = _run(tiny_model, glob, str(out), resume=True, max_new_tokens=24)
