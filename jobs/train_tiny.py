@@ -82,7 +82,8 @@ class TrainConfig:
         if min(positive) < 1 or (self.images is not None and self.images < 1):
             raise ValueError("steps, images, batch size and threads must be positive")
         if min(self.heldout, self.workers, self.eval_every, self.probe_weight, self.vision_steps) < 0:
-            raise ValueError("held-out images, workers and the evaluation interval cannot be negative")
+            raise ValueError("held-out images, workers, the evaluation interval, the probe weight "
+                             "and vision steps cannot be negative")
         if self.draws > synthetic.TRAIN_STRIDE and self.images is None:
             raise ValueError(f"at most {synthetic.TRAIN_STRIDE} fresh images per run; pass --images")
 
@@ -139,6 +140,18 @@ def load_examples(seeds: range, spec: AnyresSpec) -> list[Example]:
     return [load_example(seed, spec) for seed in seeds]
 
 
+def draw_examples(
+    cfg: TrainConfig, spec: AnyresSpec, first: int, count: int, rng: np.random.Generator
+) -> list[Example]:
+    """The run's draws `first` .. `first + count - 1`, rendered and tiled."""
+    return [load_example(cfg.image_seed(first + j, rng), spec) for j in range(count)]
+
+
+def base_tiles(examples: list[Example], spec: AnyresSpec) -> torch.Tensor:
+    """Each example's base tile (tile 0, the whole image at crop size), normalised: the probe's input."""
+    return normalise([e.tiles[:1] for e in examples], spec)
+
+
 class Batches(torch.utils.data.Dataset):
     """Batch `k` of a run as padded model inputs, labels on the answers only, fixed by (seed, k).
 
@@ -185,7 +198,7 @@ class Batches(torch.utils.data.Dataset):
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, 1, step])
         first = cfg.vision_steps * cfg.vision_batch_size + step * cfg.batch_size
-        examples = [load_example(cfg.image_seed(first + j, rng), self.spec) for j in range(cfg.batch_size)]
+        examples = draw_examples(cfg, self.spec, first, cfg.batch_size, rng)
         return self.collate(examples, [self.turns(rng) for _ in examples])
 
     def collate(self, examples: list[Example], turns: list[list[tuple[str, str]]]) -> dict[str, torch.Tensor]:
@@ -205,7 +218,7 @@ class Batches(torch.utils.data.Dataset):
             "labels": labels,
             "pixel_values": normalise([e.tiles for e in examples], self.spec),
             "image_sizes": torch.tensor([list(e.size) for e in examples], dtype=torch.long),
-            TRUTH: torch.tensor([VisionProbe.classes(e) for e in examples], dtype=torch.long),
+            TRUTH: VisionProbe.truth(examples),
         }
 
 
@@ -225,11 +238,8 @@ class BaseTiles(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.cfg.seed, 0, step])
         size = self.cfg.vision_batch_size
-        examples = [load_example(self.cfg.image_seed(step * size + j, rng), self.spec) for j in range(size)]
-        return {
-            "pixel_values": normalise([e.tiles[:1] for e in examples], self.spec),
-            TRUTH: torch.tensor([VisionProbe.classes(e) for e in examples], dtype=torch.long),
-        }
+        examples = draw_examples(self.cfg, self.spec, step * size, size, rng)
+        return {"pixel_values": base_tiles(examples, self.spec), TRUTH: VisionProbe.truth(examples)}
 
 
 class VisionProbe(torch.nn.Module):
@@ -258,6 +268,11 @@ class VisionProbe(torch.nn.Module):
     def classes(example: Example) -> tuple[int, int]:
         return synthetic.SHAPES.index(example.shape), list(synthetic.COLOURS).index(example.colour)
 
+    @staticmethod
+    def truth(examples: list[Example]) -> torch.Tensor:
+        """The (shape, colour) class pairs of a batch, as the probe's loss takes them."""
+        return torch.tensor([VisionProbe.classes(e) for e in examples], dtype=torch.long)
+
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Shape logits then colour logits; tile 0 of every image is its base tile."""
         hidden = self.tower(pixel_values[:, 0], output_hidden_states=True).hidden_states[self.layer]
@@ -277,8 +292,8 @@ class VisionProbe(torch.nn.Module):
     @torch.inference_mode()
     def accuracy(self, examples: list[Example], spec: AnyresSpec) -> dict[str, float]:
         """How often the head names the shape and the colour of held-out images."""
-        shape, colour = self.split_logits(normalise([e.tiles[:1] for e in examples], spec))
-        truth = torch.tensor([self.classes(e) for e in examples])
+        shape, colour = self.split_logits(base_tiles(examples, spec))
+        truth = self.truth(examples)
         return {
             "shape": round((shape.argmax(1) == truth[:, 0]).float().mean().item(), 4),
             "colour": round((colour.argmax(1) == truth[:, 1]).float().mean().item(), 4),
