@@ -1,9 +1,14 @@
-"""The generation engine: one class that loads a checkpoint and answers batches of prompts.
+"""The generation engine: one class that loads a checkpoint and answers requests.
 
 It is plain Python with no Ray in it; the Ray Data predictor and the Serve replica both wrap it,
 so batch and online answers can never disagree. Tiles arrive as uint8 from CPU workers and are
-normalised here, on the model's device. Prompts are tokenised with left padding so one batched
-`generate` call serves rows of different lengths, tile counts and image counts.
+normalised here, on the model's device.
+
+Two schedulers share the loading, tokenising and image code. `continuous` (the default) keeps a
+loop that steps every running request together, token by token, and lets requests join and
+leave at any step (actors/continuous.py). `static` tokenises a batch with left padding and runs
+one `generate` call for it: the reference path, and the fallback where the loop cannot serve a
+configuration.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from pipeline import prompts
 from pipeline.config import EngineConfig, SamplingParams
-from pipeline.preprocess import AnyresSpec
+from pipeline.preprocess import AnyresSpec, image_digest
 from pipeline.schemas import GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
@@ -59,7 +64,7 @@ def load_kwargs(cfg: EngineConfig, device: torch.device) -> dict[str, Any]:
 
 
 class Engine:
-    """Loads processor and model once; `generate` answers a batch of requests, one result each."""
+    """Loads processor and model once; `generate` answers a list of requests, one result each."""
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -84,9 +89,20 @@ class Engine:
         )
         self._mean = torch.tensor(self.spec.image_mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.spec.image_std, device=self.device).view(1, 3, 1, 1)
+        self.loop = None
+        self.scheduler = cfg.scheduler
+        if cfg.scheduler == "continuous":
+            from actors.continuous import ContinuousLoop
+
+            try:
+                self.loop = ContinuousLoop(self)
+            except (ValueError, NotImplementedError, RuntimeError) as exc:
+                log.warning("the continuous scheduler cannot serve this configuration (%s): using static batches", exc)
+                self.scheduler = "static"
         log.info(
-            "engine ready: %s on %s (%s, attention %s, quantization %s, prompt format %s)",
+            "engine ready: %s on %s (%s, attention %s, quantization %s, prompt format %s, %s scheduler)",
             cfg.model, self.device, self.dtype, cfg.attn_implementation, cfg.quantization, self.formatter.fmt,
+            self.scheduler,
         )
 
     def _eos_ids(self) -> set[int]:
@@ -109,6 +125,13 @@ class Engine:
 
     def default_params(self) -> SamplingParams:
         return SamplingParams.from_engine(self.cfg)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Answer text of generated tokens (special tokens dropped)."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def digest(self, tiles: np.ndarray, size: tuple[int, int]) -> str:
+        return image_digest(tiles, size)
 
     # ---- tokenising -------------------------------------------------------------------------
 
@@ -146,10 +169,43 @@ class Engine:
             out[i, : t.shape[0]] = (x * (1.0 / 255.0) - self._mean) / self._std
         return out.to(self.dtype)
 
+    def encode_images(self, tiles: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Packed features of each image (one row per image token, newlines included)."""
+        config = self.model.config
+        with torch.inference_mode():
+            features = self.model.model.get_image_features(
+                self.pixel_batch(tiles),
+                torch.tensor([list(s) for s in sizes], dtype=torch.long, device=self.device),
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            ).pooler_output
+        return list(features)
+
     # ---- generation -------------------------------------------------------------------------
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Answer a batch; every request gets exactly one result, failures as row errors."""
+        """Answer a list of requests; each gets exactly one result, failures as row errors."""
+        if self.loop is not None:
+            submissions = [self.loop.submit(r) for r in requests]
+            return [s.future.result() for s in submissions]
+        return self.generate_static(requests)
+
+    def submit(self, request: GenerationRequest, on_update=None):
+        """Hand one request to the continuous loop (see `ContinuousLoop.submit`)."""
+        if self.loop is None:
+            raise RuntimeError("submit needs the continuous scheduler")
+        return self.loop.submit(request, on_update)
+
+    def stats(self) -> dict[str, int]:
+        """The continuous loop's counters (empty under the static scheduler)."""
+        return self.loop.stats() if self.loop is not None else {}
+
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.close()
+
+    def generate_static(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Static batches of `generate`: every request gets exactly one result, failures as row errors."""
         results = [GenerationResult() for _ in requests]
         groups: dict[SamplingParams, list[tuple[int, list[int]]]] = defaultdict(list)
         for i, req in enumerate(requests):
@@ -217,7 +273,7 @@ class Engine:
             "do_sample": params.temperature > 0,
         }
         if params.temperature > 0:
-            gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+            gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
             if params.seed is not None:
                 torch.manual_seed(params.seed)
         if params.stop:
@@ -237,7 +293,7 @@ class Engine:
             if tok in self.eos_ids:
                 tokens, finish = tokens[: k + 1], "stop"
                 break
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = self.decode(tokens)
         for stop in params.stop:
             cut = text.find(stop)
             if cut >= 0:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 from pipeline.config import (
@@ -19,6 +20,7 @@ from pipeline.config import (
     DTYPES,
     PROMPT_FORMATS,
     QUANTIZATIONS,
+    SCHEDULERS,
     AnnotateConfig,
     ConfigError,
     EngineConfig,
@@ -48,12 +50,29 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit in tokens")
     m.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding (default)")
     m.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
+    m.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0: all)")
     m.add_argument("--seed", type=int, help="sampling seed")
     m.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on GPU, float32 on CPU")
     m.add_argument("--attn", default="sdpa", choices=ATTN_IMPLEMENTATIONS, help="attention implementation")
     m.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="bitsandbytes weight quantization")
+    d = EngineConfig(model="-")
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--scheduler", default=d.scheduler, choices=SCHEDULERS,
+                   help="continuous: requests join and leave the running batch at every token step (default); "
+                        "static: whole batches through generate")
+    g.add_argument("--kv-cache-mb", type=float, default=d.kv_cache_mb,
+                   help="paged KV cache per actor (default: from free GPU memory; on CPU room for every running "
+                        "request at up to 1,024 tokens)")
+    g.add_argument("--image-cache-mb", type=float, default=d.image_cache_mb,
+                   help=f"encoded images kept per actor, so a repeated image is encoded once (default: {d.image_cache_mb:g})")
+    g.add_argument("--max-running-requests", type=int, default=d.max_running_requests,
+                   help=f"requests stepped together (default: {d.max_running_requests})")
+    g.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help="tokens per model step (default: 1024 on CPU, automatic on GPU)")
+    g.add_argument("--page-size", type=int, default=d.page_size, help=f"KV cache page in tokens (default: {d.page_size})")
     r = p.add_argument_group("resources")
-    r.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default: 8)")
+    r.add_argument("--batch-size", type=int, default=8,
+                   help="rows per call of the generation stage (static scheduler: per generate call; default: 8)")
     r.add_argument("--preprocess-batch-size", type=int, default=16, help="rows per CPU preprocessing task")
     r.add_argument("--rows-per-file", type=int, default=1000, help="rows per output Parquet file (default: 1000)")
     r.add_argument("--actors", type=parse_actors, help="generation actors: N or MIN-MAX (default: one per GPU)")
@@ -75,8 +94,15 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
+        top_k=args.top_k,
         seed=args.seed,
         prompt_format=args.prompt_format,
+        scheduler=args.scheduler,
+        kv_cache_mb=args.kv_cache_mb,
+        image_cache_mb=args.image_cache_mb,
+        max_running_requests=args.max_running_requests,
+        max_batch_tokens=args.max_batch_tokens,
+        page_size=args.page_size,
     )
     return AnnotateConfig(
         input=args.input,
@@ -124,11 +150,19 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
             "continuing %s: %d ids answered, %d failed rows to retry, %d unreadable files set aside",
             cfg.output, len(previous.done_ids), len(previous.error_ids), len(previous.set_aside),
         )
-    ds, rows_in = build_plan(cfg, files, columns, previous.done_ids)
+    import ray
+
+    from actors.predictor import EngineStats
+
+    stats_name = f"llava-engine-stats-{uuid.uuid4().hex[:12]}"
+    stats = EngineStats.options(name=stats_name).remote()
+    ds, rows_in = build_plan(cfg, files, columns, previous.done_ids, stats_name)
     write_json(cfg.output, CONFIG_FILE, to_dict(cfg))
     fs, path = filesystem(cfg.output)
     ds.write_parquet(path, filesystem=arrow_filesystem(fs))
     summary = summarize(cfg.output, rows_in, time.perf_counter() - start, previous)
+    summary["engine"] = ray.get(stats.totals.remote()) if cfg.engine.scheduler == "continuous" else {}
+    ray.kill(stats)
     write_json(cfg.output, SUMMARY_FILE, summary)
     return summary
 

@@ -67,14 +67,21 @@ def drop_done(batch: pa.Table, id_column: str, done: pa.Array) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(batch.column(id_column), value_set=done)))
 
 
-def build_plan(cfg: AnnotateConfig, files: list[str], columns: ManifestColumns, done_ids: list | None = None):
+def build_plan(
+    cfg: AnnotateConfig,
+    files: list[str],
+    columns: ManifestColumns,
+    done_ids: list | None = None,
+    stats_actor: str | None = None,
+):
     """The lazy Dataset of output rows, and the number of manifest rows it covers.
 
-    `done_ids` (from a previous run) are read but not processed again.
+    `done_ids` (from a previous run) are read but not processed again; the generation actors
+    report their engines' counters to the named `stats_actor` when one is given.
     """
     import ray
 
-    from actors.predictor import Predictor
+    from actors.predictor import Predictor, batches_in_flight
 
     ds = read_manifest(cfg.input, files, columns)
     rows_in = count_rows(cfg.input, files)
@@ -106,12 +113,26 @@ def build_plan(cfg: AnnotateConfig, files: list[str], columns: ManifestColumns, 
         memory=preprocess_memory(cfg),
         udf_modifying_row_count=False,
     )
+    in_flight = batches_in_flight(cfg.engine, cfg.batch_size)
+    log.info(
+        "generation: %s scheduler, %d batch(es) of %d rows in each actor at once",
+        cfg.engine.scheduler, in_flight, cfg.batch_size,
+    )
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"engine_cfg": cfg.engine, "id_column": columns.id, "keep": columns.keep},
+        fn_constructor_kwargs={
+            "engine_cfg": cfg.engine, "id_column": columns.id, "keep": columns.keep, "stats_actor": stats_actor,
+        },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=res.actors[0], max_size=res.actors[1]),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=res.actors[0],
+            max_size=res.actors[1],
+            max_tasks_in_flight_per_actor=max(2, in_flight),
+            max_concurrent_calls_per_actor=in_flight,
+            # The engine is thread-safe and its loop steps every request in flight together.
+            enable_true_multi_threading=in_flight > 1,
+        ),
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
         udf_modifying_row_count=False,

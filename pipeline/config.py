@@ -15,6 +15,7 @@ PROMPT_FORMATS = ("auto", "mistral", "vicuna", "34b", "raw")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+SCHEDULERS = ("continuous", "static")
 
 
 class ConfigError(ValueError):
@@ -40,9 +41,15 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the generation engine loads a checkpoint and decodes.
+    """How the generation engine loads a checkpoint, schedules and decodes.
 
-    `temperature == 0` means greedy decoding; `seed` makes sampling repeatable.
+    `temperature == 0` means greedy decoding; `seed` makes sampling repeatable. `scheduler`
+    `continuous` steps every running request together token by token (requests join and leave
+    at any step); `static` runs whole left-padded batches through `generate`. The continuous
+    loop's memory: `kv_cache_mb` of paged KV cache (None: sized by transformers from free GPU
+    memory; on CPU room for every running request at up to 1,024 tokens) in pages of `page_size` tokens, and `image_cache_mb` of encoded
+    images; `max_batch_tokens` tokens per step (None: 1024 on CPU, automatic on GPU) for at most
+    `max_running_requests` requests; `vision_batch_tiles` tiles per vision-tower call.
     """
 
     model: str
@@ -53,8 +60,16 @@ class EngineConfig:
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
     seed: int | None = None
     prompt_format: str = "auto"
+    scheduler: str = "continuous"
+    kv_cache_mb: float | None = None
+    image_cache_mb: float = 256.0
+    page_size: int = 32
+    max_batch_tokens: int | None = None
+    max_running_requests: int = 32
+    vision_batch_tiles: int = 64
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -69,21 +84,35 @@ class EngineConfig:
             raise ConfigError("temperature must be >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
             raise ConfigError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ConfigError("top_k must be >= 0 (0 keeps every token)")
+        _check_choice("scheduler", self.scheduler, SCHEDULERS)
+        if self.kv_cache_mb is not None and self.kv_cache_mb <= 0:
+            raise ConfigError("kv_cache_mb must be positive (or unset for automatic sizing)")
+        if self.image_cache_mb <= 0:
+            raise ConfigError("image_cache_mb must be positive")
+        if self.page_size < 4:
+            raise ConfigError("page_size must be at least 4 tokens")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < self.page_size:
+            raise ConfigError("max_batch_tokens must be at least page_size")
+        if self.max_running_requests < 1 or self.vision_batch_tiles < 1:
+            raise ConfigError("max_running_requests and vision_batch_tiles must be at least 1")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding options; rows with equal params share one `generate` call."""
+    """Per-request decoding options; under the static scheduler rows with equal params share a batch."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    top_k: int = 0
 
     @classmethod
     def from_engine(cls, cfg: EngineConfig) -> "SamplingParams":
-        return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+        return cls(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, top_k=cfg.top_k)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ its normalisation, because the same PIL operations run in the same order.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import os
@@ -154,18 +155,29 @@ def tiles(image: Image.Image, spec: AnyresSpec) -> np.ndarray:
     return np.concatenate([_to_tile(base, spec)[None], grid])
 
 
+def image_digest(tiles: np.ndarray, size: tuple[int, int]) -> str:
+    """Names an image by what the model sees of it (its tiles and size): equal names, equal features."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.asarray(size, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(tiles).data)
+    return h.hexdigest()
+
+
 @dataclass
 class PreparedImage:
-    """One image ready for the engine: its uint8 tiles and its upright size (height, width)."""
+    """One image ready for the engine: its uint8 tiles, its upright size (height, width), its digest."""
 
     tiles: np.ndarray
     size: tuple[int, int]
+    digest: str
 
 
 def prepare(data: bytes, spec: AnyresSpec, limits: ImageLimits = ImageLimits()) -> PreparedImage:
     """Decode and tile one image; raises `ImageError` for anything unusable."""
     image = decode(data, limits)
-    return PreparedImage(tiles=tiles(image, spec), size=(image.height, image.width))
+    image_tiles = tiles(image, spec)
+    size = (image.height, image.width)
+    return PreparedImage(tiles=image_tiles, size=size, digest=image_digest(image_tiles, size))
 
 
 @dataclass(frozen=True)
@@ -248,9 +260,9 @@ def prepare_batch(batch: pa.Table, cfg: StageConfig) -> pa.Table:
             errors[i] = f"fetch: {exc}"
     fetched = _fetch_all(sources, cfg)
     empty = np.zeros((0, 3, spec.crop, spec.crop), dtype=np.uint8)
-    tiles, counts, sizes, prompts_out = [], [], [], []
+    tiles, counts, sizes, digests, prompts_out = [], [], [], [], []
     for i in range(len(images)):
-        row_tiles, row_counts, row_sizes, prompt = empty, [], [], None
+        row_tiles, row_counts, row_sizes, row_digests, prompt = empty, [], [], [], None
         if errors[i] is None:
             question = questions[i] if questions[i] is not None else cfg.question
             try:
@@ -258,6 +270,7 @@ def prepare_batch(batch: pa.Table, cfg: StageConfig) -> pa.Table:
                 row_tiles = np.concatenate([p.tiles for p in prepared])
                 row_counts = [p.tiles.shape[0] for p in prepared]
                 row_sizes = [v for p in prepared for v in p.size]
+                row_digests = [p.digest for p in prepared]
             except ValueError as exc:
                 errors[i] = str(exc)
             except Exception as exc:  # whatever else a strange file triggers costs its row only
@@ -265,6 +278,7 @@ def prepare_batch(batch: pa.Table, cfg: StageConfig) -> pa.Table:
         tiles.append(row_tiles)
         counts.append(row_counts)
         sizes.append(row_sizes)
+        digests.append(row_digests)
         prompts_out.append(prompt if prompt is not None else (questions[i] or cfg.question))
     columns = {name: batch.column(name) for name in dict.fromkeys((cfg.id_column, *cfg.keep))}
     columns.update(
@@ -273,5 +287,6 @@ def prepare_batch(batch: pa.Table, cfg: StageConfig) -> pa.Table:
         tiles=ArrowVariableShapedTensorArray.from_numpy(tiles),  # one type for every batch
         tile_counts=pa.array(counts, pa.list_(pa.int32())),
         image_sizes=pa.array(sizes, pa.list_(pa.int32())),
+        image_digests=pa.array(digests, pa.list_(pa.string())),
     )
     return pa.table(columns)

@@ -15,8 +15,9 @@ from pipeline.config import SamplingParams
 
 # Manifest (read): the id column (any name, --id-column), `image` or `images`, optional `prompt`,
 # and any columns named in --keep-columns.
-# CPU stage (preprocess.prepare_batch) adds these; image sizes are flattened (h1, w1, h2, w2, ...).
-PREPARED_COLUMNS = ("prompt", "error", "tiles", "tile_counts", "image_sizes")
+# CPU stage (preprocess.prepare_batch) adds these; image sizes are flattened (h1, w1, h2, w2, ...),
+# and each image's digest names its tiles and size (the engine's image cache key).
+PREPARED_COLUMNS = ("prompt", "error", "tiles", "tile_counts", "image_sizes", "image_digests")
 
 # Generation stage (predictor) writes the output contract: the id, these, then the kept columns.
 OUTPUT_FIELDS = [
@@ -38,20 +39,25 @@ class GenerationRequest:
     """One prompt for the engine: formatted text with one `<image>` per image, and uint8 tiles.
 
     `tiles[i]` is `(num_tiles, 3, crop, crop)` uint8 for image i and `image_sizes[i]` its
-    upright (height, width); rows may differ in image and tile counts.
+    upright (height, width); rows may differ in image and tile counts. `image_digests[i]`
+    (optional; computed by the engine when missing) names image i's tiles and size, so the
+    engine encodes an image once however many requests show it.
     """
 
     prompt: str
     tiles: list[np.ndarray] = field(default_factory=list)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     params: SamplingParams | None = None
+    image_digests: list[str] | None = None
 
 
 @dataclass
 class GenerationResult:
     """What the engine says about one request; `error` is set (and `response` None) on failure.
 
-    `generation_ms` is the wall time of the batched `generate` call that produced the row.
+    `generation_ms` is the request's time in the engine (under the static scheduler: the wall
+    time of the batched `generate` call that produced it); `first_token_ms` when its first token
+    came (continuous scheduler only).
     """
 
     response: str | None = None
@@ -62,3 +68,4 @@ class GenerationResult:
     finish_reason: str | None = None
     generation_ms: float = 0.0
     token_ids: list[int] = field(default_factory=list)
+    first_token_ms: float = 0.0

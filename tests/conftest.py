@@ -113,11 +113,32 @@ def ray_local(s3_server):
 
 @pytest.fixture(scope="session")
 def engine(tiny_model):
-    """The project's engine on the tiny checkpoint, greedy, short answers."""
+    """The project's engine on the tiny checkpoint (continuous scheduler), greedy, short answers.
+
+    Pages of 16 tokens: the tiny model's images are tens of tokens, so shared image prefixes
+    span whole pages and their KV blocks can be reused.
+    """
     from actors.engine import Engine
     from pipeline.config import EngineConfig
 
-    return Engine(EngineConfig(model=tiny_model, max_new_tokens=12))
+    engine = Engine(EngineConfig(model=tiny_model, max_new_tokens=12, page_size=16))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def static_engine(tiny_model):
+    """The same engine on the static scheduler (whole batches through `generate`)."""
+    from actors.engine import Engine
+    from pipeline.config import EngineConfig
+
+    return Engine(EngineConfig(model=tiny_model, max_new_tokens=12, scheduler="static"))
+
+
+@pytest.fixture(params=["continuous", "static"])
+def any_engine(request):
+    """Each scheduler in turn, for what both must do alike."""
+    return request.getfixturevalue("engine" if request.param == "continuous" else "static_engine")
 
 
 @pytest.fixture(scope="session")

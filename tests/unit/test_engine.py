@@ -1,4 +1,8 @@
-"""The engine answers exactly as transformers does, alone or in mixed batches."""
+"""The engine answers exactly as transformers does, alone or in mixed batches, on both schedulers.
+
+Tests that only the static path has (its batch splitting on out-of-memory, a failing `generate`
+call) run on `static_engine`; the continuous loop's own behaviour is in test_continuous.py.
+"""
 
 import pytest
 import torch
@@ -34,7 +38,8 @@ def _mixed_rows(n: int = 8) -> list[tuple[list[bytes], str]]:
     return rows
 
 
-def test_greedy_equals_transformers_one_row_at_a_time(engine, reference):
+def test_greedy_equals_transformers_one_row_at_a_time(any_engine, reference):
+    engine = any_engine
     for images, question in _mixed_rows(4):
         req = _request(engine, images, question)
         got = engine.generate([req])[0]
@@ -47,7 +52,8 @@ def test_greedy_equals_transformers_one_row_at_a_time(engine, reference):
         assert got.finish_reason in ("stop", "length")
 
 
-def test_a_mixed_batch_equals_each_row_alone(engine):
+def test_a_mixed_batch_equals_each_row_alone(any_engine):
+    engine = any_engine
     requests = [_request(engine, images, question) for images, question in _mixed_rows(8)]
     batched = engine.generate(requests)
     alone = [engine.generate([r])[0] for r in requests]
@@ -57,7 +63,8 @@ def test_a_mixed_batch_equals_each_row_alone(engine):
         assert (b.num_input_tokens, b.num_image_tokens) == (a.num_input_tokens, a.num_image_tokens)
 
 
-def test_a_too_long_prompt_fails_only_its_own_row(engine):
+def test_a_too_long_prompt_fails_only_its_own_row(any_engine):
+    engine = any_engine
     image = [encode(noise_image(50, 50))]
     good = _request(engine, image, "What is shown in this image?")
     long = _request(engine, image, "describe " * 2000)
@@ -68,14 +75,16 @@ def test_a_too_long_prompt_fails_only_its_own_row(engine):
     assert results[0].token_ids == results[2].token_ids
 
 
-def test_placeholder_mismatch_is_a_row_error(engine):
+def test_placeholder_mismatch_is_a_row_error(any_engine):
+    engine = any_engine
     req = _request(engine, [encode(noise_image(20, 20))], "What?")
     req.prompt = "[INST] <image><image> two? [/INST]"
     result = engine.generate([req])[0]
     assert result.error == "prompt: the prompt has 2 <image> placeholders but the row has 1 images"
 
 
-def test_text_only_rows_batch_with_image_rows(engine):
+def test_text_only_rows_batch_with_image_rows(any_engine):
+    engine = any_engine
     text_only = GenerationRequest(prompt=engine.format_question("Hello there", 0))
     with_image = _request(engine, [encode(noise_image(30, 60))], "What?")
     results = engine.generate([text_only, with_image])
@@ -84,7 +93,8 @@ def test_text_only_rows_batch_with_image_rows(engine):
     assert results[0].token_ids == engine.generate([text_only])[0].token_ids
 
 
-def test_rows_with_different_params_are_answered_with_their_own(engine):
+def test_rows_with_different_params_are_answered_with_their_own(any_engine):
+    engine = any_engine
     req = _request(engine, [encode(noise_image(40, 40))], "What?")
     short = GenerationRequest(req.prompt, req.tiles, req.image_sizes, SamplingParams(max_new_tokens=3))
     results = engine.generate([req, short])
@@ -93,15 +103,17 @@ def test_rows_with_different_params_are_answered_with_their_own(engine):
     assert results[1].finish_reason == "length"
 
 
-def test_sampling_with_a_seed_is_repeatable(engine):
+def test_sampling_with_a_seed_is_repeatable(any_engine):
+    engine = any_engine
     req = _request(engine, [encode(noise_image(40, 40))], "What?")
     params = SamplingParams(max_new_tokens=8, temperature=1.5, top_p=0.9, seed=7)
     sampled = GenerationRequest(req.prompt, req.tiles, req.image_sizes, params)
     assert engine.generate([sampled])[0].token_ids == engine.generate([sampled])[0].token_ids
 
 
-def test_oom_splits_the_batch_down_to_rows(engine, monkeypatch):
+def test_oom_splits_the_batch_down_to_rows(static_engine, monkeypatch):
     """No GPU here, so out-of-memory is injected on any batch larger than two rows."""
+    engine = static_engine
     requests = [_request(engine, images, q) for images, q in _mixed_rows(5)]
     expected = [r.token_ids for r in engine.generate(requests)]
     real = engine.model.generate
@@ -120,7 +132,8 @@ def test_oom_splits_the_batch_down_to_rows(engine, monkeypatch):
     assert sizes == [5, 2, 3, 1, 2]  # 5 -> 2 + 3, and the 3 -> 1 + 2
 
 
-def test_other_generate_failures_mark_only_that_batch(engine, monkeypatch):
+def test_other_generate_failures_mark_only_that_batch(static_engine, monkeypatch):
+    engine = static_engine
     req = _request(engine, [encode(noise_image(40, 40))], "What?")
 
     def broken(**kwargs):
@@ -140,7 +153,7 @@ def test_options_reach_from_pretrained(tiny_model, monkeypatch):
         return real(path, **{k: v for k, v in kwargs.items() if k != "attn_implementation"})
 
     monkeypatch.setattr(engine_mod.LlavaNextForConditionalGeneration, "from_pretrained", spy)
-    Engine(EngineConfig(model=tiny_model, dtype="bfloat16", attn_implementation="eager"))
+    Engine(EngineConfig(model=tiny_model, dtype="bfloat16", attn_implementation="eager", scheduler="static"))
     assert seen["dtype"] is torch.bfloat16 and seen["attn_implementation"] == "eager"
     assert "quantization_config" not in seen
     kwargs = engine_mod.load_kwargs(EngineConfig(model=tiny_model, quantization="4bit"), torch.device("cpu"))
@@ -155,7 +168,12 @@ def test_quantized_checkpoint_loads_and_answers(tiny_model, quantization, layer)
     import bitsandbytes as bnb
 
     quantized = Engine(EngineConfig(model=tiny_model, quantization=quantization, max_new_tokens=6))
+    static = Engine(EngineConfig(model=tiny_model, quantization=quantization, max_new_tokens=6, scheduler="static"))
+    assert quantized.scheduler == "continuous"
     layers = [m for m in quantized.model.modules() if isinstance(m, getattr(bnb.nn, layer))]
     assert len(layers) >= 16  # every linear layer of both towers and the projector
-    result = quantized.generate([_request(quantized, [encode(noise_image(60, 40))], "What?")])[0]
+    request = _request(quantized, [encode(noise_image(60, 40))], "What?")
+    result = quantized.generate([request])[0]
+    quantized.close()
     assert result.error is None and result.num_output_tokens > 0 and isinstance(result.response, str)
+    assert result.token_ids == static.generate([request])[0].token_ids

@@ -1,0 +1,213 @@
+"""The continuous loop: reference answers whatever runs beside them, one encoding and one prefill
+per image, seeded sampling independent of traffic, stop strings, cancellation, failures alone."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.engine import Engine
+from pipeline.config import EngineConfig, SamplingParams
+from pipeline.preprocess import decode, prepare
+from pipeline.schemas import GenerationRequest
+from pipeline.synthetic import heldout_seeds, make_sample
+from tests.helpers import encode, noise_image, reference_tokens
+
+SHAPES = str(Path(__file__).resolve().parents[2] / "actors" / "checkpoints" / "tiny-shapes")
+GRID_SIZES = [(64, 64), (300, 80), (40, 190), (90, 33), (640, 480), (33, 400)]
+
+
+def _request(engine, images: list[bytes], question: str, params: SamplingParams | None = None) -> GenerationRequest:
+    prepared = [prepare(data, engine.spec) for data in images]
+    return GenerationRequest(
+        prompt=engine.format_question(question, len(images)),
+        tiles=[p.tiles for p in prepared],
+        image_sizes=[p.size for p in prepared],
+        params=params,
+        image_digests=[p.digest for p in prepared],
+    )
+
+
+def _zoo() -> list[tuple[list[bytes], str, int]]:
+    """1-3 images of sizes that give different grids, several questions per image, answer limits 1-12."""
+    images = [encode(noise_image(*GRID_SIZES[k], seed=k)) for k in range(len(GRID_SIZES))]
+    questions = ["What is shown in this image?", "Describe it.", "Is there text?" + " Be brief." * 4]
+    rows = []
+    for i in range(12):
+        count = 1 + i % 3
+        row_images = [images[(i + k) % len(images)] for k in range(count)]
+        rows.append((row_images, questions[i % 3], 1 + (5 * i) % 12))
+    return rows
+
+
+def test_greedy_tokens_equal_the_reference_amid_mixed_traffic(engine, reference):
+    rows = _zoo()
+    requests = [_request(engine, imgs, q, SamplingParams(max_new_tokens=n)) for imgs, q, n in rows]
+    results = engine.generate(requests)
+    for (imgs, _, n), req, got in zip(rows, requests, results):
+        expected = reference_tokens(reference, [decode(d) for d in imgs], req.prompt, n)
+        assert got.error is None
+        assert got.token_ids == expected
+        assert got.finish_reason == ("stop" if expected[-1] == 2 else "length")
+        assert got.num_input_tokens > got.num_image_tokens > 0
+
+
+def test_answers_that_end_early_equal_the_reference():
+    """The shipped shapes model ends its answers with end-of-sequence after a word or a sentence."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    engine = Engine(EngineConfig(model=SHAPES, max_new_tokens=16, page_size=16))
+    reference = (AutoProcessor.from_pretrained(SHAPES), LlavaNextForConditionalGeneration.from_pretrained(SHAPES))
+    try:
+        examples = [make_sample(seed) for seed in heldout_seeds(500, 3)]
+        asks = [(ex, q) for ex in examples for q in ("What shape is in the image?", "Describe the image.")]
+        requests = [_request(engine, [encode(ex.image)], q) for ex, q in asks]
+        results = engine.generate(requests)
+    finally:
+        engine.close()
+    for (ex, _), req, got in zip(asks, requests, results):
+        expected = reference_tokens(reference, [ex.image], req.prompt, 16)
+        assert got.token_ids == expected and got.finish_reason == "stop" and len(expected) < 16
+
+
+def test_three_questions_on_one_image_encode_it_once_and_prefill_it_once(engine):
+    image = [encode(noise_image(300, 80, seed=77))]
+    before = engine.stats()
+    questions = ["What is shown in this image?", "Describe the colours.", "Count the objects."]
+    results = engine.generate([_request(engine, image, q) for q in questions])
+    after = engine.stats()
+    assert all(r.error is None for r in results)
+    assert after["image_encodings_requested"] - before["image_encodings_requested"] == 3
+    assert after["image_encodings_run"] - before["image_encodings_run"] == 1
+    submitted = after["prefill_tokens_submitted"] - before["prefill_tokens_submitted"]
+    computed = after["prefill_tokens_computed"] - before["prefill_tokens_computed"]
+    assert submitted == sum(r.num_input_tokens for r in results)
+    assert computed <= 0.6 * submitted, (computed, submitted)
+    alone = [engine.generate([_request(engine, image, q)])[0].token_ids for q in questions]
+    assert [r.token_ids for r in results] == alone
+
+
+def test_a_seeded_request_gives_the_same_tokens_alone_and_amid_traffic(engine):
+    image = [encode(noise_image(64, 64, seed=5))]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=1234)
+    seeded = _request(engine, image, "What is shown in this image?", params)
+    alone = engine.generate([seeded])[0].token_ids
+    others = [_request(engine, imgs, q, SamplingParams(max_new_tokens=n, temperature=0.7 * (i % 2)))
+              for i, (imgs, q, n) in enumerate(_zoo()[:8])]
+    mixed = engine.generate(others[:4] + [seeded] + others[4:])[4].token_ids
+    assert mixed == alone and len(alone) == 12
+    other_seed = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=99)
+    different = engine.generate([_request(engine, image, "What is shown in this image?", other_seed)])[0]
+    assert different.token_ids != alone
+
+
+def test_a_stop_string_ends_the_answer_and_usage_counts_what_was_made(engine):
+    request = _request(engine, [encode(noise_image(90, 33, seed=3))], "What is shown in this image?")
+    full = engine.generate([request])[0]
+    stop = full.response[len(full.response) // 2 :][:2]
+    cut = full.response.index(stop)
+    request.params = SamplingParams(max_new_tokens=12, stop=(stop,))
+    got = engine.generate([request])[0]
+    assert got.response == full.response[:cut] and got.finish_reason == "stop"
+    made = next(k for k in range(1, 13) if stop in engine.decode(full.token_ids[:k]))
+    assert got.num_output_tokens == made and got.token_ids == full.token_ids[:made]
+
+
+def test_tokens_stream_while_generating_and_a_cancel_frees_the_slot(engine):
+    request = _request(engine, [encode(noise_image(40, 190, seed=4))], "Describe it.", SamplingParams(max_new_tokens=400))
+    seen: list[int] = []
+    cancelled = threading.Event()
+
+    def on_update(sub):
+        seen.append(len(sub.tracker.tokens))
+        if len(sub.tracker.tokens) >= 5 and not cancelled.is_set():
+            cancelled.set()
+            engine.loop.cancel(sub)
+
+    sub = engine.submit(request, on_update)
+    result = sub.future.result(timeout=60)
+    assert result.finish_reason == "cancelled" and 5 <= result.num_output_tokens < 400
+    assert seen[:5] == [1, 2, 3, 4, 5]
+    assert engine.stats()["running"] == 0
+
+
+def test_a_request_the_cache_cannot_hold_fails_alone(engine):
+    image = [encode(noise_image(64, 64, seed=8))]
+    huge = _request(engine, image, "What?", SamplingParams(max_new_tokens=engine.loop.capacity_tokens))
+    good = _request(engine, image, "What?")
+    results = engine.generate([huge, good])
+    assert results[0].error.startswith("generate: the request needs") and "--kv-cache-mb" in results[0].error
+    assert results[1].error is None and results[1].num_output_tokens == 12
+
+
+def _poison(engine, monkeypatch, should_fail) -> None:
+    """Make every model step raise `should_fail(input_ids)` (an exception or None)."""
+    embedding = engine.model.get_input_embeddings()
+    real = embedding.forward
+
+    def forward(input_ids):
+        error = should_fail(input_ids)
+        if error is not None:
+            raise error
+        return real(input_ids)
+
+    monkeypatch.setattr(embedding, "forward", forward)
+
+
+def test_a_request_that_breaks_the_loop_fails_alone_and_the_others_are_answered(engine, monkeypatch):
+    images = [[encode(noise_image(*GRID_SIZES[k], seed=20 + k))] for k in range(4)]
+    good = [_request(engine, imgs, "What is shown in this image?") for imgs in images]
+    expected = [r.token_ids for r in engine.generate(good)]
+    bad = _request(engine, images[0], "Explain zebra quartz.")
+    poison = set(engine.tokenizer(bad.prompt)["input_ids"]) - {t for r in good for t in engine.tokenize(r)[0]}
+    assert poison
+    marker = torch.tensor(sorted(poison))
+    _poison(engine, monkeypatch, lambda ids: RuntimeError("poisoned step") if torch.isin(ids, marker).any() else None)
+    restarts = engine.stats()["loop_restarts"]
+    results = engine.generate(good[:2] + [bad] + good[2:])
+    assert results[2].error == "generate: RuntimeError: poisoned step"
+    assert [r.token_ids for r in results[:2] + results[3:]] == expected
+    assert engine.stats()["loop_restarts"] > restarts
+    monkeypatch.undo()
+    assert engine.generate(good[:1])[0].token_ids == expected[0]
+
+
+def test_out_of_memory_shrinks_the_step_instead_of_failing_rows(tiny_model, monkeypatch):
+    engine = Engine(EngineConfig(model=tiny_model, max_new_tokens=6, page_size=16, max_batch_tokens=512))
+    try:
+        requests = [_request(engine, [encode(noise_image(*GRID_SIZES[k % 4], seed=k))], "What is it?")
+                    for k in range(6)]
+        expected = [engine.generate([r])[0].token_ids for r in requests]
+        engine.loop.restart_loop()  # nothing cached: the next prefills are whole again
+        _poison(engine, monkeypatch, lambda ids: torch.OutOfMemoryError("injected") if ids.numel() > 100 else None)
+        results = engine.generate(requests)
+        assert [r.token_ids for r in results] == expected and all(r.error is None for r in results)
+        assert engine.loop.max_batch_tokens <= 64
+    finally:
+        monkeypatch.undo()
+        engine.close()
+
+
+def test_a_small_image_cache_evicts_and_answers_stay_right(tiny_model, engine):
+    small = Engine(EngineConfig(model=tiny_model, max_new_tokens=8, page_size=16, image_cache_mb=0.05))
+    try:
+        rows = [[encode(noise_image(*GRID_SIZES[k % 4], seed=40 + k))] for k in range(8)]
+        got = small.generate([_request(small, imgs, "What is it?") for imgs in rows])
+        want = engine.generate([_request(engine, imgs, "What is it?", SamplingParams(max_new_tokens=8)) for imgs in rows])
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert small.stats()["image_cache_evictions"] > 0
+    finally:
+        small.close()
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
+def test_the_scheduler_in_use_is_reported(tiny_model, scheduler):
+    engine = Engine(EngineConfig(model=tiny_model, scheduler=scheduler))
+    try:
+        assert engine.scheduler == scheduler
+        assert ("running" in engine.stats()) == (scheduler == "continuous")
+    finally:
+        engine.close()
