@@ -154,8 +154,12 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
 
     from actors.predictor import EngineStats
 
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node: the counters outlive any worker node that goes away mid-job.
     stats_name = f"llava-engine-stats-{uuid.uuid4().hex[:12]}"
-    stats = EngineStats.options(name=stats_name).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    stats = EngineStats.options(name=stats_name, scheduling_strategy=here).remote()
     ds, rows_in = build_plan(cfg, files, columns, previous.done_ids, stats_name)
     write_json(cfg.output, CONFIG_FILE, to_dict(cfg))
     fs, path = filesystem(cfg.output)

@@ -157,3 +157,28 @@ def test_existing_output_is_refused_without_overwrite(tiny_model, ray_local, ima
     assert annotate.main(args + ["--overwrite", "--max-new-tokens", "4"]) == 0
     assert not (tmp_path / "out" / "old.parquet").exists()
     assert len(_rows(str(tmp_path / "out"))) == 1
+
+
+def test_repeated_images_encode_once_and_the_schedulers_agree(tiny_model, ray_local, images, tmp_path, reference):
+    """Three questions on each of three images: the summary counts one encoding per image, a
+    prefill well under what was submitted, and the static scheduler gives the same answers."""
+    questions = ["What is shown in this image?", "Describe it.", "Any text?"]
+    ids = [f"{i}-{q}" for i in range(3) for q in range(3)]
+    table = pa.table({
+        "id": ids, "image": [images[i] for i in range(3) for _ in range(3)],
+        "prompt": [questions[q] for _ in range(3) for q in range(3)],
+    })
+    pq.write_table(table, tmp_path / "m.parquet")
+    cont = _run(tiny_model, str(tmp_path / "m.parquet"), str(tmp_path / "cont"), batch_size=3, actors=(1, 1))
+    engine = cont["engine"]
+    assert engine["image_encodings_requested"] == 9 and engine["image_encodings_run"] == 3
+    assert engine["prefill_tokens_submitted"] == cont["input_tokens"]
+    assert engine["prefill_tokens_computed"] < 0.75 * engine["prefill_tokens_submitted"]
+    static_engine = EngineConfig(model=tiny_model, max_new_tokens=MAX_NEW, scheduler="static")
+    static = annotate.run(AnnotateConfig(input=str(tmp_path / "m.parquet"), output=str(tmp_path / "static"),
+                                         engine=static_engine, cpu_workers=2))
+    assert static["engine"] == {}
+    cont_rows = {r["id"]: r for r in _rows(str(tmp_path / "cont"))}
+    static_rows = {r["id"]: r for r in _rows(str(tmp_path / "static"))}
+    assert {k: r["response"] for k, r in cont_rows.items()} == {k: r["response"] for k, r in static_rows.items()}
+    _assert_reference(list(cont_rows.values()), {k: [images[int(k[0])]] for k in ids}, reference)
