@@ -59,6 +59,7 @@ class Counters:
     prefill_tokens_matched: int = 0
     generated_tokens: int = 0
     loop_restarts: int = 0
+    peak_running: int = 0
 
 
 def counting_scheduler(counters: Counters) -> str:
@@ -392,6 +393,7 @@ class ContinuousLoop:
             if sub.done:
                 return
             self._live[sub.key] = sub
+            self.counters.peak_running = max(self.counters.peak_running, len(self._live))
             sub.attempts += 1
             self.counters.prefill_tokens_submitted += len(sub.input_ids)
             p = sub.params

@@ -1,4 +1,4 @@
-"""The OpenAI chat-completions wire format: parse and check requests, fetch images, shape replies.
+"""The OpenAI chat-completions wire format: parse and check requests, shape replies and stream chunks.
 
 Plain Python with no Ray and no web framework, so every rule a client can trip over is unit-tested
 without starting a server. A request that cannot be served raises `ApiError` with the HTTP status
@@ -7,12 +7,8 @@ and the OpenAI error body the client will see; the replica turns it into a respo
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import os
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -163,7 +159,7 @@ def _check_unsupported(body: dict) -> None:
         raise bad_request("only response_format {'type': 'text'} is supported", "unsupported_parameter")
 
 
-def parse_chat_request(body: Any, default_max_tokens: int) -> ChatRequest:
+def parse_chat_request(body: Any, default_max_tokens: int, max_images: int | None = None) -> ChatRequest:
     """Check a decoded JSON body and turn it into a `ChatRequest` (raises `ApiError`).
 
     Fields this server does not know are ignored, as OpenAI clients send extras such as `user`;
@@ -189,6 +185,8 @@ def parse_chat_request(body: Any, default_max_tokens: int) -> ChatRequest:
     stream = _field(body, "stream", lambda v: isinstance(v, bool), "a boolean") or False
     stream_options = _field(body, "stream_options", lambda v: isinstance(v, dict), "an object") or {}
     messages, urls = parse_messages(body.get("messages"))
+    if max_images is not None and len(urls) > max_images:
+        raise bad_request(f"the request has {len(urls)} images; at most {max_images} are allowed", "too_many_images")
     params = SamplingParams(
         max_new_tokens=max_tokens or default_max_tokens,
         temperature=float(temperature or 0.0),
@@ -197,73 +195,6 @@ def parse_chat_request(body: Any, default_max_tokens: int) -> ChatRequest:
         stop=_parse_stop(body.get("stop")),
     )
     return ChatRequest(messages, urls, params, stream, bool(stream_options.get("include_usage")), model)
-
-
-# ---- images ---------------------------------------------------------------------------------
-
-
-def _too_large(size: int, limit: int) -> ApiError:
-    return ApiError(413, f"image is {size} bytes, over the limit of {limit}", code="image_too_large")
-
-
-def _data_url_bytes(url: str, max_bytes: int) -> bytes:
-    header, sep, payload = url.partition(",")
-    if not sep or not header.endswith(";base64"):
-        raise bad_request("an image data URL must be 'data:<type>;base64,<data>'", "invalid_image")
-    if len(payload) * 3 // 4 > max_bytes + 2:
-        raise _too_large(len(payload) * 3 // 4, max_bytes)
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request("an image data URL holds invalid base64", "invalid_image") from None
-
-
-def _s3_bytes(url: str, max_bytes: int) -> bytes:
-    """Read an `s3://` object with the standard AWS variables, AWS_ENDPOINT_URL included."""
-    import s3fs
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else {})
-    try:
-        size = fs.size(url)
-        if size > max_bytes:
-            raise _too_large(size, max_bytes)
-        return fs.cat_file(url)
-    except (OSError, ValueError) as exc:
-        raise bad_request(f"cannot read {url}: {type(exc).__name__}: {exc}", "invalid_image") from None
-
-
-def _http_bytes(url: str, max_bytes: int, timeout_s: float) -> bytes:
-    """Download at most `max_bytes` + 1 bytes, so an endless body costs one bound read."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            data = response.read(max_bytes + 1)
-    except (OSError, ValueError) as exc:
-        raise bad_request(f"cannot download {url}: {exc}", "invalid_image") from None
-    if len(data) > max_bytes:
-        raise ApiError(413, f"image at {url} is over the limit of {max_bytes} bytes", code="image_too_large")
-    return data
-
-
-def fetch_image(url: str, max_bytes: int, allow_remote: bool, timeout_s: float = 10.0) -> bytes:
-    """The bytes behind an image URL: inline `data:`, `s3://`, or `http(s)://` when allowed.
-
-    Remote URLs are off by default because they let any client make the server fetch any address.
-    """
-    scheme = url.split(":", 1)[0].lower()
-    if scheme == "data":
-        return _data_url_bytes(url, max_bytes)
-    if scheme == "s3":
-        return _s3_bytes(url, max_bytes)
-    if scheme in ("http", "https"):
-        if not allow_remote:
-            raise bad_request(
-                "http(s) image URLs are disabled on this server (start it with --allow-remote-images); "
-                "send the image inline as a data: URL",
-                "remote_images_disabled",
-            )
-        return _http_bytes(url, max_bytes, timeout_s)
-    raise bad_request(f"unsupported image URL scheme {scheme!r}; use data:, s3:// or http(s)://", "invalid_image")
 
 
 # ---- replies --------------------------------------------------------------------------------
@@ -315,25 +246,44 @@ def text_deltas(response: str, token_ids: list[int], decode: Callable[[list[int]
     return pieces
 
 
-def sse_events(request: ChatRequest, model: str, result: GenerationResult, deltas: list[str]) -> list[str]:
-    """Server-sent events for a finished answer in the `chat.completion.chunk` format, then [DONE]."""
-    created = int(time.time())
+class Chunks:
+    """Server-sent events of one streamed reply, in the `chat.completion.chunk` format."""
 
-    def chunk(delta: dict, finish_reason: str | None) -> dict[str, Any]:
-        return {
-            "id": request.request_id,
+    def __init__(self, request: ChatRequest, model: str):
+        self.request = request
+        self.model = model
+        self.created = int(time.time())
+
+    def _event(self, delta: dict, finish_reason: str | None) -> str:
+        body = {
+            "id": self.request.request_id,
             "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
+            "created": self.created,
+            "model": self.model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
         }
+        return f"data: {json.dumps(body)}\n\n"
 
-    chunks = [chunk({"role": "assistant", "content": ""}, None)]
-    chunks += [chunk({"content": piece}, None) for piece in deltas]
-    chunks.append(chunk({}, result.finish_reason))
-    if request.include_usage:
-        chunks.append({**chunk({}, None), "choices": [], "usage": usage(result)})
-    return [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
+    def role(self) -> str:
+        return self._event({"role": "assistant", "content": ""}, None)
+
+    def content(self, text: str) -> str:
+        return self._event({"content": text}, None)
+
+    def end(self, result: GenerationResult) -> list[str]:
+        """The finishing chunk, the usage chunk when asked for, and [DONE]."""
+        events = [self._event({}, result.finish_reason)]
+        if self.request.include_usage:
+            body = {"id": self.request.request_id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.model, "choices": [], "usage": usage(result)}
+            events.append(f"data: {json.dumps(body)}\n\n")
+        return events + ["data: [DONE]\n\n"]
+
+
+def sse_events(request: ChatRequest, model: str, result: GenerationResult, deltas: list[str]) -> list[str]:
+    """Server-sent events for a finished answer (the static scheduler's streamed replies)."""
+    chunks = Chunks(request, model)
+    return [chunks.role(), *(chunks.content(piece) for piece in deltas), *chunks.end(result)]
 
 
 def engine_error(error: str) -> ApiError:

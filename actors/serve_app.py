@@ -1,9 +1,18 @@
 """The online endpoint: a Ray Serve deployment around the batch job's `Engine`, with an OpenAI API.
 
-Each replica owns one `Engine`. Requests are parsed, rendered with `Engine.render` and their
-images decoded and tiled (`pipeline.preprocess.prepare`) in the replica, off the event loop;
-`@serve.batch` then gathers concurrent requests into one `Engine.generate` call. Streaming
-replies are cut from the finished answer, so a streamed and a plain reply are always equal.
+Each replica owns one `Engine`. A request is parsed and rendered on the replica's event loop;
+its images are fetched, decoded and tiled in a pool of preparation processes beside the model
+(`prepare_workers`), so image work never holds the interpreter that steps the model. Then:
+
+- continuous scheduler (default): the request joins the engine's running batch at the next token
+  step, and a streamed reply sends each piece of text as soon as it is final; a client that goes
+  away cancels its request in the engine;
+- static scheduler: `@serve.batch` gathers concurrent requests into one `Engine.generate_static`
+  call, and a streamed reply is cut from the finished answer.
+
+Admission is the replica's: past `max_ongoing_requests` running plus `max_queued_requests`
+waiting, a request gets an OpenAI-shaped 503 at once. Serve's own queue in front is unbounded,
+so no refusal ever comes as the proxy's plain text.
 
 Use `build_app` from a Serve config file (`serve run actors/serve_config.yaml`), or
 `python -m jobs.serve` on one machine.
@@ -15,9 +24,10 @@ import dataclasses
 import hmac
 import json
 import logging
+import multiprocessing
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,19 +40,21 @@ from starlette.exceptions import HTTPException
 
 from actors import openai_api as api
 from actors.engine import Engine
-from pipeline.config import ImageLimits, ServeOptions
-from pipeline.preprocess import ImageError, PreparedImage, prepare
+from actors.image_policy import ImagePolicy, Refusal, prepare_image
+from pipeline.config import ServeOptions
+from pipeline.preprocess import PreparedImage
 from pipeline.schemas import GenerationRequest, GenerationResult
 
 # Serve's own logger: its lines land in the replica's log file, tagged with the request id.
 log = logging.getLogger("ray.serve")
 
 APP_NAME = "llava"
+RETRY_AFTER_S = 1
 
 
 @dataclass
 class BatchStats:
-    """Counts of the batches a replica ran, so clients and tests can see batching happen."""
+    """Counts of the static scheduler's batches, so clients and tests can see batching happen."""
 
     requests: int = 0
     batches: int = 0
@@ -64,7 +76,16 @@ def admission_bound(options: ServeOptions) -> int | None:
 
 
 def error_response(exc: api.ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def preparation_pool(workers: int) -> Executor:
+    """Processes for image work (threads when `workers` is 0); started fresh, never forked from
+    a process that runs model threads."""
+    if workers == 0:
+        return ThreadPoolExecutor(4, thread_name_prefix="prepare")
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 app = FastAPI(title="LLaVA-NeXT", docs_url=None, redoc_url=None, openapi_url=None)
@@ -79,32 +100,44 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 @serve.deployment
 @serve.ingress(app)
 class LlavaNextServer:
-    """One replica: the engine, the HTTP routes, and the batcher in front of `Engine.generate`."""
+    """One replica: the engine, the HTTP routes, admission, and image preparation beside the model."""
 
     def __init__(self, options: ServeOptions):
         self.options = options
-        self.engine = Engine(options.engine_config())
-        self.limits = ImageLimits(options.max_image_bytes, options.max_image_pixels)
+        self.engine = Engine(options.engine)
+        self.policy = ImagePolicy(
+            options.allow_remote_images, options.allow_s3_prefixes,
+            tuple(h.lower() for h in options.allow_image_hosts), options.fetch_timeout_s,
+        )
         self.stats = BatchStats()
+        self._pool = preparation_pool(options.prepare_workers)
+        self._warm_pool()
         # Admission: up to max_ongoing_requests run, up to max_queued_requests more wait here, and
-        # the rest get an OpenAI-shaped 503 at once (Serve's proxy queue is only a backstop).
+        # the rest get an OpenAI-shaped 503 at once.
         self._running = asyncio.Semaphore(options.max_ongoing_requests)
         self._admitted = 0
-        # One thread runs the model, so the event loop keeps parsing and preparing new requests.
+        # Static scheduler: one thread runs the model, so the event loop keeps taking requests.
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="generate")
         self._generate_batch.set_max_batch_size(options.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(options.batch_wait_ms / 1000.0)
-        self._requests = metrics.Counter(
-            "llava_requests", "Chat requests by HTTP status.", tag_keys=("status",)
-        )
+        self._requests = metrics.Counter("llava_requests", "Chat requests by HTTP status.", tag_keys=("status",))
         self._batch_size = metrics.Histogram(
-            "llava_batch_size", "Requests per Engine.generate call.", boundaries=[1, 2, 4, 8, 16, 32, 64]
+            "llava_batch_size", "Requests per Engine.generate call (static scheduler).",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
         )
         self._latency = metrics.Histogram(
             "llava_request_latency_ms", "End-to-end request latency in the replica.",
             boundaries=[10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000],
         )
-        log.info("replica ready: %s", json.dumps(options.describe()))
+        log.info("replica ready (%s scheduler): %s", self.engine.scheduler, json.dumps(options.describe(), default=str))
+
+    def _warm_pool(self) -> None:
+        """Start every preparation process now, not on the first requests."""
+        probe = "data:image/png;base64,"
+        futures = [self._pool.submit(prepare_image, probe, self.policy, self.engine.spec, self.options.limits)
+                   for _ in range(max(1, self.options.prepare_workers))]
+        for f in futures:
+            f.result()
 
     # ---- routes -------------------------------------------------------------------------------
 
@@ -118,9 +151,13 @@ class LlavaNextServer:
         return self._json_if_authorized(request, lambda: {"object": "list", "data": [model]})
 
     @app.get("/v1/stats")
-    async def batch_stats(self, request: Request) -> Response:
-        """This replica's batch counts (each replica answers for itself)."""
-        return self._json_if_authorized(request, lambda: dataclasses.asdict(self.stats))
+    async def replica_stats(self, request: Request) -> Response:
+        """This replica's counts: the engine's loop (continuous) or its batches (static)."""
+        def body() -> dict[str, Any]:
+            return {"scheduler": self.engine.scheduler, "admitted": self._admitted,
+                    **dataclasses.asdict(self.stats), **self.engine.stats()}
+
+        return self._json_if_authorized(request, body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -132,27 +169,48 @@ class LlavaNextServer:
                 "server_error", "queue_full",
             ))
         self._admitted += 1
+        handed_over = False
         try:
-            async with self._running:
-                return await self._chat_completions(request)
+            await self._running.acquire()
+            try:
+                response = await self._chat_completions(request)
+                # A live stream keeps its slot until it ends (see `_stream`).
+                handed_over = isinstance(response, StreamingResponse) and self.engine.loop is not None
+                return response
+            finally:
+                if not handed_over:
+                    self._running.release()
         finally:
-            self._admitted -= 1
+            if not handed_over:
+                self._admitted -= 1
+
+    def _done_streaming(self) -> None:
+        """A streamed reply ended (or its client left): its admission slot is free."""
+        self._running.release()
+        self._admitted -= 1
 
     async def _chat_completions(self, request: Request) -> Response:
         start = time.perf_counter()
         try:
             self._authorize(request)
-            chat = api.parse_chat_request(await self._read_json(request), self.options.max_new_tokens)
+            chat = api.parse_chat_request(
+                await self._read_json(request), self.options.engine.max_new_tokens, self.options.max_images_per_request,
+            )
             if chat.model not in (None, self.engine.model_name, self.options.model):
                 raise api.ApiError(
                     404, f"model {chat.model!r} is not served here; use {self.engine.model_name!r}",
                     code="model_not_found",
                 )
             prompt = self._render(chat.messages)
-            images = await asyncio.gather(*(asyncio.to_thread(self._prepare, url) for url in chat.image_urls))
-            result = await self._generate_batch(
-                GenerationRequest(prompt, [i.tiles for i in images], [i.size for i in images], chat.params)
+            images = await asyncio.gather(*(self._prepare(url) for url in chat.image_urls))
+            generation = GenerationRequest(
+                prompt, [i.tiles for i in images], [i.size for i in images], chat.params, [i.digest for i in images],
             )
+            if self.engine.loop is not None and chat.stream:
+                return StreamingResponse(await self._started(self._stream(chat, generation, start)),
+                                         media_type="text/event-stream")
+            result = await (self._answer(generation) if self.engine.loop is not None
+                            else self._generate_batch(generation))
             if result.error is not None:
                 raise api.engine_error(result.error)
         except api.ApiError as exc:
@@ -163,31 +221,94 @@ class LlavaNextServer:
             self._observe(500, start)
             log.exception("request failed")
             return error_response(api.ApiError(500, f"{type(exc).__name__}: {exc}", "server_error", "internal_error"))
-        ms = self._observe(200, start)
-        log.info(
-            "request %s: %d image(s), %d prompt + %d completion tokens, finish %s, %.0f ms",
-            chat.request_id, len(images), result.num_input_tokens, result.num_output_tokens, result.finish_reason, ms,
-        )
+        self._log_done(chat, result, start)
         model = self.engine.model_name
         if not chat.stream:
             return JSONResponse(api.completion_body(chat, model, result))
-        deltas = api.text_deltas(result.response, result.token_ids, self._decode)
+        deltas = api.text_deltas(result.response, result.token_ids, self.engine.decode)
         return StreamingResponse(iter(api.sse_events(chat, model, result, deltas)), media_type="text/event-stream")
 
-    # ---- batching -----------------------------------------------------------------------------
+    # ---- the continuous engine ----------------------------------------------------------------
+
+    @staticmethod
+    async def _started(stream: AsyncIterator[str]) -> AsyncIterator[str]:
+        """Run a stream to its first chunk now, so it owns its request and slot from here on
+        (a started generator is always closed, even if no one reads it)."""
+        first = await stream.__anext__()
+
+        async def rest() -> AsyncIterator[str]:
+            yield first
+            async for event in stream:
+                yield event
+
+        return rest()
+
+    async def _answer(self, generation: GenerationRequest) -> GenerationResult:
+        """A whole answer from the running batch; a client that leaves cancels it."""
+        submission = self.engine.submit(generation)
+        try:
+            return await asyncio.wrap_future(submission.future)
+        finally:
+            self.engine.loop.cancel(submission)  # a no-op once it is done
+
+    async def _stream(self, chat: api.ChatRequest, generation: GenerationRequest, start: float) -> AsyncIterator[str]:
+        """Chunks as the text becomes final; the last piece makes the stream equal the plain reply."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def on_update(submission) -> None:  # on the engine's dispatcher thread
+            loop.call_soon_threadsafe(updates.put_nowait, submission.tracker.stable())
+
+        submission = self.engine.submit(generation, on_update)
+        submission.future.add_done_callback(lambda _: loop.call_soon_threadsafe(updates.put_nowait, None))
+        chunks = api.Chunks(chat, self.engine.model_name)
+        sent = ""
+        try:
+            yield chunks.role()
+            while (text := await updates.get()) is not None:
+                if len(text) > len(sent) and text.startswith(sent):
+                    yield chunks.content(text[len(sent):])
+                    sent = text
+            result = submission.future.result()
+            if result.error is not None:
+                error = api.engine_error(result.error)
+                self._observe(error.status, start)
+                yield f"data: {json.dumps(error.body())}\n\n"
+                return
+            if len(result.response) > len(sent) and result.response.startswith(sent):
+                yield chunks.content(result.response[len(sent):])
+            for event in chunks.end(result):
+                yield event
+            self._observe(200, start)
+            self._log_done(chat, result, start)
+        finally:
+            self.engine.loop.cancel(submission)
+            self._done_streaming()
+
+    # ---- the static scheduler -----------------------------------------------------------------
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Concurrent requests, gathered by Serve, answered by one `Engine.generate` call."""
+        """Concurrent requests, gathered by Serve, answered by one static `generate` call."""
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._model_thread, self.engine.generate, requests)
+        results = await loop.run_in_executor(self._model_thread, self.engine.generate_static, requests)
         self.stats.record(len(requests))
         self._batch_size.observe(len(requests))
         log.info("batch of %d request(s) in %.0f ms", len(requests), (time.perf_counter() - start) * 1000.0)
         return results
 
     # ---- helpers ------------------------------------------------------------------------------
+
+    async def _prepare(self, url: str) -> PreparedImage:
+        """One image through the preparation pool; a refusal becomes the matching API error."""
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(
+            self._pool, prepare_image, url, self.policy, self.engine.spec, self.options.limits,
+        )
+        if isinstance(prepared, Refusal):
+            raise api.ApiError(prepared.status, prepared.message, code=prepared.code)
+        return prepared
 
     def _json_if_authorized(self, request: Request, body: Callable[[], Any]) -> Response:
         """A read-only route's JSON body, or the OpenAI-shaped 401 when the key is wrong."""
@@ -231,17 +352,13 @@ class LlavaNextServer:
         except Exception as exc:
             raise api.bad_request(f"cannot build the prompt: {exc}", "invalid_prompt") from None
 
-    def _prepare(self, url: str) -> PreparedImage:
-        data = api.fetch_image(url, self.limits.max_bytes, self.options.allow_remote_images)
-        try:
-            return prepare(data, self.engine.spec, self.limits)
-        except ImageError as exc:
-            if "over the limit" in str(exc):
-                raise api.ApiError(413, str(exc), code="image_too_large") from None
-            raise api.bad_request(f"cannot decode the image: {exc}", "invalid_image") from None
-
-    def _decode(self, token_ids: list[int]) -> str:
-        return self.engine.tokenizer.decode(token_ids, skip_special_tokens=True)
+    def _log_done(self, chat: api.ChatRequest, result: GenerationResult, start: float) -> None:
+        ms = self._observe(200, start) if not chat.stream or self.engine.loop is None else None
+        log.info(
+            "request %s: %d image(s), %d prompt + %d completion tokens, finish %s, first token %.0f ms, %s ms",
+            chat.request_id, len(chat.image_urls), result.num_input_tokens, result.num_output_tokens,
+            result.finish_reason, result.first_token_ms, f"{ms:.0f}" if ms is not None else "-",
+        )
 
     def _observe(self, status: int, start: float) -> float:
         ms = (time.perf_counter() - start) * 1000.0
@@ -260,15 +377,16 @@ def gpus_for(options: ServeOptions) -> float:
 def application(options: ServeOptions) -> serve.Application:
     """The bound application for `serve.run`, with the replica options applied.
 
-    Serve lets twice the replica's bound through, so the overflow reaches the replica and is
-    refused there with an OpenAI-shaped 503 instead of waiting in the proxy.
+    Serve's queue in front of the replicas is unbounded and each replica takes more requests
+    than its own bound, so every request reaches a replica and any refusal is the replica's
+    OpenAI-shaped 503, never the proxy's plain text.
     """
     bound = admission_bound(options)
     return LlavaNextServer.options(
         num_replicas=options.replicas,
-        max_ongoing_requests=2 * bound if bound is not None else options.max_ongoing_requests,
-        max_queued_requests=options.max_queued_requests,
-        ray_actor_options={"num_gpus": gpus_for(options)},
+        max_ongoing_requests=2 * bound + 64 if bound is not None else options.max_ongoing_requests,
+        max_queued_requests=-1,
+        ray_actor_options={"num_gpus": gpus_for(options), "num_cpus": 1 + options.prepare_workers},
     ).bind(options)
 
 

@@ -15,16 +15,12 @@ import uuid
 from typing import Any
 
 from pipeline.config import (
-    ATTN_IMPLEMENTATIONS,
     DEFAULT_QUESTION,
-    DTYPES,
-    PROMPT_FORMATS,
-    QUANTIZATIONS,
-    SCHEDULERS,
     AnnotateConfig,
     ConfigError,
-    EngineConfig,
     ImageLimits,
+    add_engine_arguments,
+    engine_config_from,
     parse_actors,
     to_dict,
 )
@@ -46,30 +42,7 @@ def parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--model", required=True, help="checkpoint directory (saved with save_pretrained)")
     m.add_argument("--prompt", default=DEFAULT_QUESTION, help="question for rows whose prompt is null or missing")
-    m.add_argument("--prompt-format", default="auto", choices=PROMPT_FORMATS, help="prompt layout (default: auto)")
-    m.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit in tokens")
-    m.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding (default)")
-    m.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
-    m.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0: all)")
-    m.add_argument("--seed", type=int, help="sampling seed")
-    m.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on GPU, float32 on CPU")
-    m.add_argument("--attn", default="sdpa", choices=ATTN_IMPLEMENTATIONS, help="attention implementation")
-    m.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="bitsandbytes weight quantization")
-    d = EngineConfig(model="-")
-    g = p.add_argument_group("scheduling")
-    g.add_argument("--scheduler", default=d.scheduler, choices=SCHEDULERS,
-                   help="continuous: requests join and leave the running batch at every token step (default); "
-                        "static: whole batches through generate")
-    g.add_argument("--kv-cache-mb", type=float, default=d.kv_cache_mb,
-                   help="paged KV cache per actor (default: from free GPU memory; on CPU room for every running "
-                        "request at up to 1,024 tokens)")
-    g.add_argument("--image-cache-mb", type=float, default=d.image_cache_mb,
-                   help=f"encoded images kept per actor, so a repeated image is encoded once (default: {d.image_cache_mb:g})")
-    g.add_argument("--max-running-requests", type=int, default=d.max_running_requests,
-                   help=f"requests stepped together (default: {d.max_running_requests})")
-    g.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
-                   help="tokens per model step (default: 1024 on CPU, automatic on GPU)")
-    g.add_argument("--page-size", type=int, default=d.page_size, help=f"KV cache page in tokens (default: {d.page_size})")
+    add_engine_arguments(m)
     r = p.add_argument_group("resources")
     r.add_argument("--batch-size", type=int, default=8,
                    help="rows per call of the generation stage (static scheduler: per generate call; default: 8)")
@@ -86,24 +59,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
-    engine = EngineConfig(
-        model=args.model,
-        dtype=args.dtype,
-        attn_implementation=args.attn,
-        quantization=args.quantization,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        prompt_format=args.prompt_format,
-        scheduler=args.scheduler,
-        kv_cache_mb=args.kv_cache_mb,
-        image_cache_mb=args.image_cache_mb,
-        max_running_requests=args.max_running_requests,
-        max_batch_tokens=args.max_batch_tokens,
-        page_size=args.page_size,
-    )
+    engine = engine_config_from(args, args.model)
     return AnnotateConfig(
         input=args.input,
         output=args.output,

@@ -1,7 +1,7 @@
 """Serve LLaVA-NeXT over an OpenAI-compatible HTTP API until interrupted.
 
 Usage: python -m jobs.serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--replicas N]
-       [--max-batch-size N] [--batch-wait-ms N] [--api-key KEY] [--allow-remote-images] ...
+       [--scheduler continuous|static] [--api-key KEY] [--allow-s3-prefix s3://b/p/] ...
 
 Starts (or joins, with RAY_ADDRESS) a Ray cluster, runs the application of `actors.serve_app`
 and shuts Serve down on Ctrl-C or SIGTERM. For a long-lived cluster deployment use
@@ -18,7 +18,14 @@ import signal
 import time
 from pathlib import Path
 
-from pipeline.config import ATTN_IMPLEMENTATIONS, DTYPES, PROMPT_FORMATS, QUANTIZATIONS, ServeOptions
+from pipeline.config import (
+    ENGINE_FLAGS,
+    ConfigError,
+    EngineConfig,
+    ServeOptions,
+    add_engine_arguments,
+    engine_config_from,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +34,7 @@ SHIPPED = Path(__file__).resolve().parent.parent / "actors" / "checkpoints" / "t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = ServeOptions(model="-")
+    d = ServeOptions(engine=EngineConfig(model="-"))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--model", default=str(SHIPPED),
@@ -35,38 +42,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--replicas", type=int, default=d.replicas)
-    p.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
-    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="requests per Engine.generate call")
-    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms, help="how long a batch waits to fill")
-    p.add_argument("--max-ongoing-requests", type=int, default=d.max_ongoing_requests, help="per replica")
-    p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
-                   help="requests waiting for a replica before new ones get 503 (-1: no bound)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="when a request sets no max_tokens")
-    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=d.prompt_format)
-    p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
-    p.add_argument("--attn", choices=ATTN_IMPLEMENTATIONS, default=d.attn)
-    p.add_argument("--quantization", choices=QUANTIZATIONS, default=d.quantization)
-    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+    add_engine_arguments(p.add_argument_group("engine"))
+    r = p.add_argument_group("replicas and admission")
+    r.add_argument("--replicas", type=int, default=d.replicas)
+    r.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
+    r.add_argument("--max-ongoing-requests", type=int, default=d.max_ongoing_requests, help="per replica")
+    r.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                   help="requests waiting in a replica before new ones get 503 (-1: no bound)")
+    r.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                   help="requests per generate call (static scheduler)")
+    r.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                   help="how long a batch waits to fill (static scheduler)")
+    r.add_argument("--prepare-workers", type=int, default=d.prepare_workers,
+                   help="processes per replica that fetch, decode and tile images (0: threads of the replica)")
+    r.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else no key)")
-    p.add_argument("--allow-remote-images", action="store_true", help="let clients send http(s) image URLs")
-    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
-    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
-    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    i = p.add_argument_group("images a client may send")
+    i.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request)
+    i.add_argument("--allow-s3-prefix", dest="allow_s3_prefixes", action="append", default=[],
+                   help="s3://bucket/path/ under which clients may name images (repeatable; none by default)")
+    i.add_argument("--allow-remote-images", action="store_true",
+                   help="let clients send http(s) image URLs (never to private or loopback addresses)")
+    i.add_argument("--allow-image-host", dest="allow_image_hosts", action="append", default=[],
+                   help="a host clients may reach even though it is private or loopback (repeatable)")
+    i.add_argument("--fetch-timeout", dest="fetch_timeout_s", type=float, default=d.fetch_timeout_s)
+    i.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
+    i.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
+    i.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     return p
 
 
+def options_from_args(args: argparse.Namespace) -> ServeOptions:
+    values = vars(args).copy()
+    engine = engine_config_from(args, values.pop("model"))
+    for name, _, _ in ENGINE_FLAGS:
+        values.pop(name)
+    for name in ("host", "port"):
+        values.pop(name)
+    values["allow_s3_prefixes"] = tuple(values["allow_s3_prefixes"])
+    values["allow_image_hosts"] = tuple(values["allow_image_hosts"])
+    return ServeOptions(engine=engine, **values)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    host, port = args.pop("host"), args.pop("port")
+    host, port = args.host, args.port
+    try:
+        options = options_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
 
     import ray
     from ray import serve
 
     from actors.serve_app import APP_NAME, application
 
-    options = ServeOptions(**args)
     log.info("serve options: %s", json.dumps(options.describe()))
     ray.init()
     # Installed after ray.init, which sets its own: SIGTERM (from `kill` or a job runner) and a

@@ -197,23 +197,77 @@ def _parse_bool(text: str) -> bool:
     raise ConfigError(f"expected a boolean; got {text!r}")
 
 
-_CONVERTERS: dict[type, Any] = {int: int, float: float, bool: _parse_bool, str: str}
+def _convert(value: Any, hint: Any) -> Any:
+    """A config-file or `key=value` string into the field's type (None, tuples and bools included)."""
+    kinds = typing.get_args(hint) or (hint,)
+    if isinstance(value, str) and type(None) in kinds and value.lower() in ("", "none", "null"):
+        return None
+    base = typing.get_origin(hint) or hint
+    if base is tuple or tuple in [typing.get_origin(k) for k in kinds]:
+        items = value.split(",") if isinstance(value, str) else list(value or ())
+        return tuple(str(i).strip() for i in items if str(i).strip())
+    if isinstance(value, str):
+        kind = next(k for k in kinds if k is not type(None))
+        return {int: int, float: float, bool: _parse_bool, str: str}[kind](value)
+    return value
+
+
+# Engine options as command-line flags, in one table: (field, flag, help). Types, choices and
+# defaults come from `EngineConfig` itself, so both CLIs (annotate, serve) say the same thing.
+ENGINE_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("prompt_format", "--prompt-format", "prompt layout"),
+    ("max_new_tokens", "--max-new-tokens", "answer length limit in tokens"),
+    ("temperature", "--temperature", "0 = greedy decoding"),
+    ("top_p", "--top-p", "nucleus sampling mass when temperature > 0"),
+    ("top_k", "--top-k", "sample among the k best tokens (0: all)"),
+    ("seed", "--seed", "sampling seed"),
+    ("dtype", "--dtype", "auto = bfloat16 on GPU, float32 on CPU"),
+    ("attn_implementation", "--attn", "attention implementation"),
+    ("quantization", "--quantization", "bitsandbytes weight quantization"),
+    ("scheduler", "--scheduler", "continuous: requests join and leave the running batch at every token step; "
+                                 "static: whole batches through generate"),
+    ("kv_cache_mb", "--kv-cache-mb", "paged KV cache per engine (unset: from free GPU memory; on CPU room for "
+                                     "every running request at up to 1,024 tokens)"),
+    ("image_cache_mb", "--image-cache-mb", "encoded images kept per engine, so a repeated image is encoded once"),
+    ("max_running_requests", "--max-running-requests", "requests stepped together"),
+    ("max_batch_tokens", "--max-batch-tokens", "tokens per model step (unset: 1024 on CPU, automatic on GPU)"),
+    ("page_size", "--page-size", "KV cache page in tokens"),
+    ("vision_batch_tiles", "--vision-batch-tiles", "image tiles per vision-tower call"),
+)
+_CHOICES = {"prompt_format": PROMPT_FORMATS, "dtype": DTYPES, "attn_implementation": ATTN_IMPLEMENTATIONS,
+            "quantization": QUANTIZATIONS, "scheduler": SCHEDULERS}
+
+
+def add_engine_arguments(parser: Any) -> None:
+    """Add one flag per engine option (see ENGINE_FLAGS) to an argparse parser or group."""
+    hints = typing.get_type_hints(EngineConfig)
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    for name, flag, text in ENGINE_FLAGS:
+        kind = next(k for k in (typing.get_args(hints[name]) or (hints[name],)) if k is not type(None))
+        default = defaults[name]
+        shown = f" (default: {default})" if default is not None else ""
+        parser.add_argument(flag, dest=name, type=kind, default=default, choices=_CHOICES.get(name),
+                            help=text + shown)
+
+
+def engine_config_from(args: Any, model: str) -> EngineConfig:
+    """The EngineConfig for flags added by `add_engine_arguments`."""
+    return EngineConfig(model=model, **{name: getattr(args, name) for name, _, _ in ENGINE_FLAGS})
 
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """Everything one Serve application needs: the engine, the replicas, batching and limits.
+    """Everything one Serve application needs: the engine, the replicas, admission and image policy.
 
     `gpus_per_replica=None` means one GPU when the cluster has any, else none;
-    `max_queued_requests=-1` leaves the queue unbounded.
+    `max_queued_requests=-1` leaves the queue unbounded. `max_batch_size`/`batch_wait_ms` shape
+    the batches of the static scheduler. Images: `data:` URLs always; `s3://` only under
+    `allow_s3_prefixes`; `http(s)://` only with `allow_remote_images`, and then never to loopback,
+    private, link-local or multicast addresses unless the host is in `allow_image_hosts`.
+    `prepare_workers` processes fetch, decode and tile images beside the model's process.
     """
 
-    model: str
-    max_new_tokens: int = 128
-    prompt_format: str = "auto"
-    dtype: str = "auto"
-    attn: str = "sdpa"
-    quantization: str = "none"
+    engine: EngineConfig
     replicas: int = 1
     gpus_per_replica: float | None = None
     max_ongoing_requests: int = 32
@@ -221,47 +275,60 @@ class ServeOptions:
     max_batch_size: int = 8
     batch_wait_ms: float = 20.0
     api_key: str | None = None
+    prepare_workers: int = 2
+    max_images_per_request: int = 8
     allow_remote_images: bool = False
+    allow_s3_prefixes: tuple[str, ...] = ()
+    allow_image_hosts: tuple[str, ...] = ()
+    fetch_timeout_s: float = 10.0
     max_image_bytes: int = ImageLimits().max_bytes
     max_image_pixels: int = ImageLimits().max_pixels
     max_body_bytes: int = 128 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        self.engine_config()
         ImageLimits(self.max_image_bytes, self.max_image_pixels)
-        for name in ("replicas", "max_ongoing_requests", "max_batch_size", "max_body_bytes"):
+        for name in ("replicas", "max_ongoing_requests", "max_batch_size", "max_body_bytes", "max_images_per_request"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.max_queued_requests < -1 or self.max_queued_requests == 0:
             raise ConfigError("max_queued_requests must be positive, or -1 for no bound")
         if self.batch_wait_ms < 0 or (self.gpus_per_replica is not None and self.gpus_per_replica < 0):
             raise ConfigError("batch_wait_ms and gpus_per_replica must not be negative")
+        if self.prepare_workers < 0 or self.fetch_timeout_s <= 0:
+            raise ConfigError("prepare_workers must be >= 0 and fetch_timeout_s positive")
         if self.api_key == "":
             raise ConfigError("api_key must not be empty; leave it unset to disable authentication")
+        for prefix in self.allow_s3_prefixes:
+            if not prefix.startswith("s3://") or len(prefix.rstrip("/")) <= len("s3://"):
+                raise ConfigError(f"allowed S3 prefixes look like s3://bucket/path/; got {prefix!r}")
+
+    @property
+    def model(self) -> str:
+        return self.engine.model
+
+    @property
+    def limits(self) -> ImageLimits:
+        return ImageLimits(self.max_image_bytes, self.max_image_pixels)
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> "ServeOptions":
-        """Options from a Serve config's `args` or `serve run key=value` pairs (strings are converted)."""
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - set(fields))
-        if unknown:
-            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(fields)}")
-        values = {}
-        for name, value in args.items():
-            kinds = typing.get_args(fields[name]) or (fields[name],)
-            if isinstance(value, str) and type(None) in kinds and value.lower() in ("", "none", "null"):
-                value = None
-            elif isinstance(value, str):
-                value = _CONVERTERS[kinds[0]](value)
-            values[name] = value
-        return cls(**values)
+        """Options from a Serve config's `args` or `serve run key=value` pairs (strings are converted).
 
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.model, dtype=self.dtype, attn_implementation=self.attn, quantization=self.quantization,
-            max_new_tokens=self.max_new_tokens, prompt_format=self.prompt_format,
-        )
+        Keys are the fields of this class and of `EngineConfig` (`model` included; `attn` is the
+        older name of `attn_implementation`).
+        """
+        args = dict(args)
+        if "attn" in args:
+            args["attn_implementation"] = args.pop("attn")
+        serve_hints = typing.get_type_hints(cls)
+        engine_hints = typing.get_type_hints(EngineConfig)
+        unknown = sorted(set(args) - (set(serve_hints) - {"engine"}) - set(engine_hints))
+        if unknown:
+            known = sorted((set(serve_hints) - {"engine"}) | set(engine_hints))
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        engine = {k: _convert(v, engine_hints[k]) for k, v in args.items() if k in engine_hints}
+        serve = {k: _convert(v, serve_hints[k]) for k, v in args.items() if k not in engine_hints}
+        return cls(engine=EngineConfig(**engine), **serve)
 
     def describe(self) -> dict[str, Any]:
         """The options for the start-up log, with the API key hidden."""

@@ -25,7 +25,8 @@ from transformers.image_transforms import convert_to_rgb
 from pipeline import anyres
 from pipeline.config import ImageLimits
 from pipeline.prompts import Formatter, PromptError
-from pipeline.read import FetchError, fetch, image_sources
+from pipeline.fetch import FetchError, fetch
+from pipeline.read import image_sources
 
 # Our own pixel limit is checked before decoding; PIL's bomb guard would only duplicate it.
 Image.MAX_IMAGE_PIXELS = None
@@ -33,6 +34,10 @@ Image.MAX_IMAGE_PIXELS = None
 
 class ImageError(ValueError):
     """An image that cannot be used (reported as its row's error, never raised out of a job)."""
+
+
+class ImageTooLarge(ImageError):
+    """An image over the byte or pixel limit."""
 
 
 @dataclass(frozen=True)
@@ -98,14 +103,14 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     if data is None or len(data) == 0:
         raise ImageError("empty image")
     if len(data) > limits.max_bytes:
-        raise ImageError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}")
+        raise ImageTooLarge(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > limits.max_pixels:
-                raise ImageError(
+                raise ImageTooLarge(
                     f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}"
                 )
             image.seek(0)

@@ -1,14 +1,13 @@
-"""Manifest side: find the Parquet files, check their columns, read them, fetch image bytes.
+"""Manifest side: find the Parquet files, check their columns, read them, list a row's images.
 
 Local paths, `file://` and `s3://` go through fsspec (s3fs takes credentials and the endpoint
-from the standard AWS variables, `AWS_ENDPOINT_URL` included); `http(s)://` images through
-urllib with a bounded timeout.
+from the standard AWS variables, `AWS_ENDPOINT_URL` included); image bytes are fetched by
+pipeline/fetch.py.
 """
 
 from __future__ import annotations
 
 import glob as globlib
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,15 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+from pipeline.fetch import FetchError
+
 IMAGE_COLUMNS = ("image", "images")
 
 
 class ManifestError(ValueError):
     """A manifest the job cannot read; stops the job before any work starts."""
-
-
-class FetchError(ValueError):
-    """An image source that cannot be read (reported as its row's error)."""
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -135,34 +132,3 @@ def image_sources(value: Any, column: str) -> list[Any]:
             raise FetchError("empty image list")
         return sources
     return [value]
-
-
-def fetch(source: Any, timeout_s: float, max_bytes: int) -> bytes:
-    """Bytes of one image source: inline bytes, an HF `{bytes, path}` struct, or a URI."""
-    if source is None:
-        raise FetchError("null image")
-    if isinstance(source, dict):
-        if source.get("bytes") is not None:
-            return bytes(source["bytes"])
-        if source.get("path"):
-            return fetch(source["path"], timeout_s, max_bytes)
-        raise FetchError("image struct has neither bytes nor path")
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source)
-    if not isinstance(source, str):
-        raise FetchError(f"unsupported image value of type {type(source).__name__}")
-    try:
-        if source.startswith(("http://", "https://")):
-            with urllib.request.urlopen(source, timeout=timeout_s) as response:
-                data = response.read(max_bytes + 1)
-        else:
-            fs, path = filesystem(source)
-            with fs.open(path, "rb") as f:
-                data = f.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise FetchError(f"no such file or object: {source}") from None
-    except Exception as exc:  # network and store errors come in many types; the row just fails
-        raise FetchError(f"{source}: {type(exc).__name__}: {exc}") from None
-    if len(data) > max_bytes:
-        raise FetchError(f"{source} is over the limit of {max_bytes} bytes")
-    return data

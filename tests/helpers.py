@@ -51,3 +51,29 @@ def reference_answer(reference, images: list[Image.Image], prompt: str, max_new_
     """The reference's decoded answer, special tokens dropped."""
     tokens = reference_tokens(reference, images, prompt, max_new_tokens)
     return reference[0].tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def data_url(image: Image.Image) -> str:
+    """A PNG data URL, as an OpenAI client sends an inline image."""
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(encode(image)).decode()
+
+
+def openai_to_internal(messages: list[dict]) -> list[dict]:
+    """OpenAI messages -> the internal shape the reference's chat template takes."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        parts = [{"type": "image"} if p["type"] == "image_url" else p for p in content]
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def reference_chat(reference, messages: list[dict], images: list[Image.Image], max_new_tokens: int) -> str:
+    """The transformers answer to OpenAI chat messages (the checkpoint's chat template, greedy)."""
+    processor = reference[0]
+    prompt = processor.apply_chat_template(openai_to_internal(messages), add_generation_prompt=True, tokenize=False)
+    return reference_answer(reference, images, prompt, max_new_tokens)

@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from tests.helpers import encode, noise_image
+from tests.helpers import data_url, encode, noise_image, reference_chat
 
 pytestmark = pytest.mark.integration
 
@@ -44,45 +44,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def data_url(image) -> str:
-    return "data:image/png;base64," + base64.b64encode(encode(image)).decode()
-
-
-def to_internal(messages: list[dict]) -> list[dict]:
-    """OpenAI messages -> the internal shape the reference's chat template takes."""
-    out = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
-        parts = [{"type": "image"} if p["type"] == "image_url" else p for p in content]
-        out.append({"role": m["role"], "content": parts})
-    return out
-
-
 @pytest.fixture(scope="module")
 def expected(reference):
     """`expected(messages, images)`: the transformers answer for OpenAI messages and PIL images."""
-    import torch
-
-    processor, model = reference
-
-    def answer(messages: list[dict], images: list) -> str:
-        prompt = processor.apply_chat_template(to_internal(messages), add_generation_prompt=True, tokenize=False)
-        inputs = processor(images=images or None, text=prompt, return_tensors="pt")
-        with torch.inference_mode():
-            out = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)
-        return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-
-    return answer
+    return lambda messages, images: reference_chat(reference, messages, images, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
 def server(ray_local, tiny_model):
     """The application on a free loopback port, small limits so the 413 cases stay cheap.
 
-    A burst of requests waits in the proxy's queue until each is routed, so the queue bound
-    must hold the largest burst that should succeed (16 here).
+    Remote images are on (with no host allowed past the address check) and clients may name
+    images under s3://serve-images/public/.
     """
     from ray import serve
 
@@ -92,8 +65,9 @@ def server(ray_local, tiny_model):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "model": tiny_model, "max_new_tokens": MAX_TOKENS, "api_key": API_KEY, "gpus_per_replica": 0,
-        "max_batch_size": 8, "batch_wait_ms": 100, "max_ongoing_requests": CONCURRENT, "max_queued_requests": 32,
+        "max_ongoing_requests": CONCURRENT, "max_queued_requests": 32, "page_size": 16, "prepare_workers": 1,
         "max_image_bytes": 1_000_000, "max_image_pixels": 1_000_000, "max_body_bytes": 3_000_000,
+        "allow_remote_images": True, "allow_s3_prefixes": "s3://serve-images/public/",
     }
     serve.run(build_app(args), name="llava-test", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
@@ -161,14 +135,25 @@ def test_multi_turn_and_two_images(client, model_id, expected):
     assert ask(client, model_id, two_images).choices[0].message.content == expected(two_images, [first, second])
 
 
-def test_s3_image(client, model_id, expected, s3_server):
+def test_s3_images_only_under_the_allowed_prefix(server, client, model_id, expected, s3_server):
     image = noise_image(48, 36, seed=5)
     s3_server.mkdir("serve-images")
-    s3_server.pipe_file("serve-images/one.png", encode(image))
+    s3_server.pipe_file("serve-images/public/one.png", encode(image))
+    s3_server.pipe_file("serve-images/private/secret.png", encode(image))
     messages = [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "s3://serve-images/one.png"}}, {"type": "text", "text": "What?"},
+        {"type": "image_url", "image_url": {"url": "s3://serve-images/public/one.png"}}, {"type": "text", "text": "What?"},
     ]}]
     assert ask(client, model_id, messages).choices[0].message.content == expected(messages, [image])
+    existing = _post(server, _chat("s3://serve-images/private/secret.png"))
+    missing = _post(server, _chat("s3://serve-images/private/nothing.png"))
+    assert existing[0] == missing[0] == 400
+    assert json.loads(existing[1]) == json.loads(missing[1])  # nothing tells the two apart
+
+
+def test_at_most_eight_images_by_default(server, urls):
+    parts = [{"type": "image_url", "image_url": {"url": urls["good"]}}] * 9 + [{"type": "text", "text": "All?"}]
+    status, body = _post(server, {"messages": [{"role": "user", "content": parts}]})
+    assert status == 400 and json.loads(body)["error"]["code"] == "too_many_images"
 
 
 def test_concurrent_clients_get_their_own_answers_in_batches(server, client, model_id, expected):
@@ -185,7 +170,7 @@ def test_concurrent_clients_get_their_own_answers_in_batches(server, client, mod
     assert answers == [expected(image_question(image), [image]) for image in images]
     assert len(set(answers)) > 1  # the images really lead to different answers
     stats = json.loads(http(f"{server}/v1/stats")[1])
-    assert stats["max_batch_size"] > 1, stats
+    assert stats["scheduler"] == "continuous" and stats["peak_running"] > 1, stats
 
 
 def _post(server: str, body: dict | bytes, key: str | None = API_KEY) -> tuple[int, str]:
@@ -225,7 +210,8 @@ ERROR_CASES = {
     "n > 1": (lambda u: _chat(n=2), API_KEY, 400),
     "tools": (lambda u: _chat(tools=[{"type": "function", "function": {"name": "f"}}]), API_KEY, 400),
     "logprobs": (lambda u: _chat(logprobs=True), API_KEY, 400),
-    "remote image not allowed": (lambda u: _chat("http://127.0.0.1:9/x.png"), API_KEY, 400),
+    "loopback image host": (lambda u: _chat("http://127.0.0.1:9/x.png"), API_KEY, 400),
+    "s3 outside the allowed prefix": (lambda u: _chat("s3://serve-images/x.png"), API_KEY, 400),
     "body over the limit": (lambda u: _chat(text="x" * 3_100_000), API_KEY, 413),
     "image bytes over the limit": (lambda u: _chat(u["big_bytes"]), API_KEY, 413),
     "image pixels over the limit": (lambda u: _chat(u["big_pixels"]), API_KEY, 413),
@@ -246,10 +232,11 @@ def test_errors_are_openai_shaped_and_harmless(server, urls, case):
     assert _post(server, _chat(urls["good"]))[0] == 200
 
 
-def test_full_queue_answers_503_not_a_hang(server):
-    """16 ongoing + 32 queued fit; of 96 simultaneous requests the rest are turned away at once,
-    with an OpenAI-shaped body."""
-    barrier = threading.Barrier(96)
+@pytest.mark.parametrize("burst", [96, 300])
+def test_full_queue_answers_503_not_a_hang(server, burst):
+    """16 ongoing + 32 queued fit; of a burst of simultaneous requests the rest are turned away at
+    once, always by the replica with an OpenAI-shaped body, never by the proxy in plain text."""
+    barrier = threading.Barrier(burst)
 
     def one(_) -> tuple[int, float, str]:
         barrier.wait()
@@ -257,8 +244,8 @@ def test_full_queue_answers_503_not_a_hang(server):
         status, body = _post(server, _chat(max_tokens=200))
         return status, time.perf_counter() - start, body
 
-    with ThreadPoolExecutor(96) as pool:
-        results = list(pool.map(one, range(96)))
+    with ThreadPoolExecutor(burst) as pool:
+        results = list(pool.map(one, range(burst)))
     outcomes = [(status, seconds) for status, seconds, _ in results]
     refusals = [json.loads(body) for status, _, body in results if status == 503]
     assert refusals and all(r["error"]["code"] == "queue_full" for r in refusals)

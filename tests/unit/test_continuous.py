@@ -14,6 +14,7 @@ from pipeline.config import EngineConfig, SamplingParams
 from pipeline.preprocess import decode, prepare
 from pipeline.schemas import GenerationRequest
 from pipeline.synthetic import heldout_seeds, make_sample
+from tests.faults import carrying, fail_steps
 from tests.helpers import encode, noise_image, reference_tokens
 
 SHAPES = str(Path(__file__).resolve().parents[2] / "actors" / "checkpoints" / "tiny-shapes")
@@ -143,51 +144,37 @@ def test_a_request_the_cache_cannot_hold_fails_alone(engine):
     assert results[1].error is None and results[1].num_output_tokens == 12
 
 
-def _poison(engine, monkeypatch, should_fail) -> None:
-    """Make every model step raise `should_fail(input_ids)` (an exception or None)."""
-    embedding = engine.model.get_input_embeddings()
-    real = embedding.forward
-
-    def forward(input_ids):
-        error = should_fail(input_ids)
-        if error is not None:
-            raise error
-        return real(input_ids)
-
-    monkeypatch.setattr(embedding, "forward", forward)
-
-
-def test_a_request_that_breaks_the_loop_fails_alone_and_the_others_are_answered(engine, monkeypatch):
+def test_a_request_that_breaks_the_loop_fails_alone_and_the_others_are_answered(engine):
     images = [[encode(noise_image(*GRID_SIZES[k], seed=20 + k))] for k in range(4)]
     good = [_request(engine, imgs, "What is shown in this image?") for imgs in images]
     expected = [r.token_ids for r in engine.generate(good)]
     bad = _request(engine, images[0], "Explain zebra quartz.")
     poison = set(engine.tokenizer(bad.prompt)["input_ids"]) - {t for r in good for t in engine.tokenize(r)[0]}
     assert poison
-    marker = torch.tensor(sorted(poison))
-    _poison(engine, monkeypatch, lambda ids: RuntimeError("poisoned step") if torch.isin(ids, marker).any() else None)
-    restarts = engine.stats()["loop_restarts"]
-    results = engine.generate(good[:2] + [bad] + good[2:])
-    assert results[2].error == "generate: RuntimeError: poisoned step"
-    assert [r.token_ids for r in results[:2] + results[3:]] == expected
-    assert engine.stats()["loop_restarts"] > restarts
-    monkeypatch.undo()
-    assert engine.generate(good[:1])[0].token_ids == expected[0]
+    restore = fail_steps(engine, carrying(sorted(poison)))
+    try:
+        restarts = engine.stats()["loop_restarts"]
+        results = engine.generate(good[:2] + [bad] + good[2:])
+        assert results[2].error == "generate: RuntimeError: poisoned step"
+        assert [r.token_ids for r in results[:2] + results[3:]] == expected
+        assert engine.stats()["loop_restarts"] > restarts
+        assert engine.generate(good[:1])[0].token_ids == expected[0]
+    finally:
+        restore()
 
 
-def test_out_of_memory_shrinks_the_step_instead_of_failing_rows(tiny_model, monkeypatch):
+def test_out_of_memory_shrinks_the_step_instead_of_failing_rows(tiny_model):
     engine = Engine(EngineConfig(model=tiny_model, max_new_tokens=6, page_size=16, max_batch_tokens=512))
     try:
         requests = [_request(engine, [encode(noise_image(*GRID_SIZES[k % 4], seed=k))], "What is it?")
                     for k in range(6)]
         expected = [engine.generate([r])[0].token_ids for r in requests]
         engine.loop.restart_loop()  # nothing cached: the next prefills are whole again
-        _poison(engine, monkeypatch, lambda ids: torch.OutOfMemoryError("injected") if ids.numel() > 100 else None)
+        fail_steps(engine, lambda ids: torch.OutOfMemoryError("injected") if ids.numel() > 100 else None)
         results = engine.generate(requests)
         assert [r.token_ids for r in results] == expected and all(r.error is None for r in results)
         assert engine.loop.max_batch_tokens <= 64
     finally:
-        monkeypatch.undo()
         engine.close()
 
 

@@ -1,16 +1,14 @@
-"""Request parsing, image fetching and reply shapes of the OpenAI API, without Ray or a model."""
+"""Request parsing and reply shapes of the OpenAI API, without Ray or a model."""
 
 from __future__ import annotations
 
 import base64
-import http.server
 import json
-import threading
 
 import pytest
 
 from actors import openai_api as api
-from pipeline.config import ConfigError, ServeOptions
+from pipeline.config import ConfigError, EngineConfig, ServeOptions
 from tests.helpers import encode, noise_image
 
 PNG = encode(noise_image(8, 8))
@@ -105,52 +103,6 @@ def test_body_must_be_an_object():
     assert info.value.status == 400
 
 
-def test_data_urls():
-    assert api.fetch_image(DATA_URL, 10_000, allow_remote=False) == PNG
-    for bad in ("data:image/png;base64,@@@@", "data:image/png,raw"):
-        with pytest.raises(api.ApiError) as info:
-            api.fetch_image(bad, 10_000, allow_remote=False)
-        assert info.value.status == 400
-    with pytest.raises(api.ApiError) as info:
-        api.fetch_image(DATA_URL, 10, allow_remote=False)
-    assert info.value.status == 413
-
-
-def test_remote_and_unknown_urls_refused_by_default():
-    for url in ("http://127.0.0.1:9/x.png", "https://example.com/x.png", "file:///etc/passwd", "ftp://x/y"):
-        with pytest.raises(api.ApiError) as info:
-            api.fetch_image(url, 10_000, allow_remote=False)
-        assert info.value.status == 400
-
-
-@pytest.fixture
-def http_image_server():
-    """A loopback HTTP server answering every GET with the test PNG."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(PNG)))
-            self.end_headers()
-            self.wfile.write(PNG)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/img.png"
-    server.shutdown()
-
-
-def test_http_images_when_allowed(http_image_server):
-    assert api.fetch_image(http_image_server, 10_000, allow_remote=True) == PNG
-    with pytest.raises(api.ApiError) as info:
-        api.fetch_image(http_image_server, 10, allow_remote=True)
-    assert info.value.status == 413
-
-
 def test_engine_errors_map_to_statuses():
     assert api.engine_error("prompt: the prompt is 5000 tokens, over the model's context").status == 400
     assert api.engine_error("generate: RuntimeError: boom").status == 500
@@ -187,14 +139,27 @@ def test_sse_events_follow_the_chunk_format():
 
 
 def test_serve_options_from_config_strings():
-    opts = ServeOptions.from_args(
-        {"model": "m", "replicas": "2", "allow_remote_images": "true", "gpus_per_replica": "none", "quantization": "none"}
-    )
-    assert (opts.replicas, opts.allow_remote_images, opts.gpus_per_replica, opts.quantization) == (2, True, None, "none")
+    opts = ServeOptions.from_args({
+        "model": "m", "replicas": "2", "allow_remote_images": "true", "gpus_per_replica": "none",
+        "quantization": "none", "attn": "eager", "scheduler": "static", "allow_s3_prefixes": "s3://a/b/, s3://c/",
+        "kv_cache_mb": "64",
+    })
+    assert (opts.replicas, opts.allow_remote_images, opts.gpus_per_replica) == (2, True, None)
+    assert opts.engine == EngineConfig(model="m", attn_implementation="eager", scheduler="static", kv_cache_mb=64.0)
+    assert opts.allow_s3_prefixes == ("s3://a/b/", "s3://c/") and opts.model == "m"
     assert opts.describe()["api_key"] is None
-    assert ServeOptions(model="m", api_key="k").describe()["api_key"] == "***"
-    for bad in ({"model": "m", "colour": "red"}, {"model": "m", "max_batch_size": "0"}, {"model": "m", "top": "1"}):
+    assert ServeOptions(engine=EngineConfig(model="m"), api_key="k").describe()["api_key"] == "***"
+    for bad in ({"model": "m", "colour": "red"}, {"model": "m", "max_batch_size": "0"}, {"model": "m", "top": "1"},
+                {"model": "m", "allow_s3_prefixes": "bucket/x"}, {"model": "m", "max_images_per_request": "0"}):
         with pytest.raises(ConfigError):
             ServeOptions.from_args(bad)
     with pytest.raises(ConfigError):
-        ServeOptions(model="m", api_key="")
+        ServeOptions(engine=EngineConfig(model="m"), api_key="")
+
+
+def test_too_many_images_is_a_400():
+    body = {"messages": [user(*[image()] * 3, text("Compare."))]}
+    assert len(api.parse_chat_request(body, 16, max_images=3).image_urls) == 3
+    with pytest.raises(api.ApiError) as info:
+        api.parse_chat_request(body, 16, max_images=2)
+    assert (info.value.status, info.value.code) == (400, "too_many_images")

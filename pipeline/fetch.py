@@ -1,0 +1,135 @@
+"""Image bytes from wherever a row or a request points: inline bytes, local paths, `s3://`, `http(s)://`.
+
+One fetcher, one set of limits and errors, for the batch job and the online endpoint alike; the
+endpoint adds its own policy of what a client may reach (`check`, see actors/image_policy.py).
+Stores go through fsspec (s3fs takes credentials and the endpoint from the standard AWS
+variables, `AWS_ENDPOINT_URL` included). HTTP goes through `http.client` with the connection
+pinned to the address that was checked, and each redirect is checked again, so a policy on
+addresses cannot be dodged by a second DNS answer or a redirect.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import fsspec
+
+MAX_REDIRECTS = 5
+
+# (host, resolved ip) -> why that address may not be fetched, or None when it may.
+AddressCheck = Callable[[str, str], "str | None"]
+
+
+class FetchError(ValueError):
+    """An image source that cannot be read (a row's error in the job, a 400 at the endpoint)."""
+
+
+class FetchRefused(FetchError):
+    """A source the policy does not let this caller reach."""
+
+
+class FetchTooLarge(FetchError):
+    """A source over the byte limit."""
+
+
+def fetch(source: Any, timeout_s: float, max_bytes: int, check: AddressCheck | None = None) -> bytes:
+    """Bytes of one image source: inline bytes, an HF `{bytes, path}` struct, or a URI."""
+    if source is None:
+        raise FetchError("null image")
+    if isinstance(source, dict):
+        if source.get("bytes") is not None:
+            return bytes(source["bytes"])
+        if source.get("path"):
+            return fetch(source["path"], timeout_s, max_bytes, check)
+        raise FetchError("image struct has neither bytes nor path")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if not isinstance(source, str):
+        raise FetchError(f"unsupported image value of type {type(source).__name__}")
+    if source.startswith(("http://", "https://")):
+        return http_get(source, timeout_s, max_bytes, check)
+    try:
+        fs, path = fsspec.core.url_to_fs(source)
+        with fs.open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise FetchError(f"no such file or object: {source}") from None
+    except Exception as exc:  # store errors come in many types; the row just fails
+        raise FetchError(f"{source}: {type(exc).__name__}: {exc}") from None
+    if len(data) > max_bytes:
+        raise FetchTooLarge(f"{source} is over the limit of {max_bytes} bytes")
+    return data
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """An HTTP connection to a given address, whatever the host name would resolve to now."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to a given address, with the certificate checked against the host name."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def _address(host: str, port: int, check: AddressCheck | None) -> str:
+    """The address to connect to; with a check, every address the name resolves to must pass."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise FetchError(f"cannot resolve {host}: {exc}") from None
+    addresses = [info[4][0] for info in infos]
+    if check is not None:
+        for address in addresses:
+            reason = check(host, address)
+            if reason is not None:
+                raise FetchRefused(reason)
+    return addresses[0]
+
+
+def http_get(url: str, timeout_s: float, max_bytes: int, check: AddressCheck | None = None) -> bytes:
+    """GET an image over HTTP(S), following up to five redirects, each hop checked; at most
+    `max_bytes` + 1 bytes are read, so an endless body costs one bounded read."""
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise FetchError(f"not an http(s) URL: {url}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        address = _address(parts.hostname, port, check)
+        kind = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
+        connection = kind(parts.hostname, port, address, timeout_s)
+        try:
+            connection.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                               headers={"User-Agent": "llava-next-ray", "Accept": "image/*"})
+            response = connection.getresponse()
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                url = urljoin(url, response.getheader("Location"))
+                continue
+            if response.status != 200:
+                raise FetchError(f"{url}: the server answered HTTP {response.status}")
+            data = response.read(max_bytes + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            raise FetchError(f"cannot download {url}: {type(exc).__name__}: {exc}") from None
+        finally:
+            connection.close()
+        if len(data) > max_bytes:
+            raise FetchTooLarge(f"image at {url} is over the limit of {max_bytes} bytes")
+        return data
+    raise FetchError(f"{url}: more than {MAX_REDIRECTS} redirects")
