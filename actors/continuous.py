@@ -192,7 +192,8 @@ class ContinuousLoop:
             max_memory_percent=0.8 if engine.device.type == "cuda" else None,
         )
         manager = engine.model.init_continuous_batching(generation, cb)
-        manager.logit_processor = sampling_processors()
+        # No CUDA graph can capture a step on CPU, so there the processors may skip idle work.
+        manager.logit_processor = sampling_processors(branch_free=engine.device.type == "cuda")
         manager.start()
         return manager
 
@@ -397,8 +398,11 @@ class ContinuousLoop:
             sub.attempts += 1
             self.counters.prefill_tokens_submitted += len(sub.input_ids)
             p = sub.params
+            # Outputs at every step only for who needs them: a listener, stop strings, or requests
+            # waiting on this one's prefill; the rest hear once, when done.
+            streaming = sub.on_update is not None or bool(p.stop) or sub.gate is not None
             self.manager.add_request(
-                sub.input_ids, request_id=sub.key, max_new_tokens=p.max_new_tokens, streaming=True,
+                sub.input_ids, request_id=sub.key, max_new_tokens=p.max_new_tokens, streaming=streaming,
                 temperature=float(p.temperature), top_p=float(p.top_p), top_k=int(p.top_k), seed=int(p.seed or 0),
             )
 

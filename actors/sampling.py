@@ -7,8 +7,9 @@ sample from `softmax(logits / T)`, and the noise depends on nothing but the requ
 seeded answer is the same alone or amid any other traffic. A greedy request (temperature 0)
 leaves its scores untouched, so its tokens are the arg-max `generate` would choose.
 
-Every operation is branch-free over the batch, so the processors can run inside a captured
-CUDA graph. Each processor gets one int32 per row (a float is passed as its bit pattern).
+Where CUDA graphs may capture the step (`branch_free`), every operation is branch-free over the
+batch; elsewhere a processor skips its work when no row of the step needs it (an all-greedy step
+costs no sort). Each processor gets one int32 per row (a float is passed as its bit pattern).
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ class _RowProcessor(ContinuousBatchingLogitsProcessor):
     supported_kwargs: dict[str, type] = {}
     ignored_kwargs: tuple[str, ...] = ()
 
+    def __init__(self, branch_free: bool = True):
+        self.branch_free = branch_free
+
+    def idle(self, needed: torch.Tensor) -> bool:
+        """True when this step may skip the processor: no row needs it and nothing is captured."""
+        return not self.branch_free and not bool(needed.any())
+
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.copy_(self._values([None] * int32_tensor.numel()))
 
@@ -83,7 +91,10 @@ class Temperature(_RowProcessor):
         return _float_bits([t if t > 0 else 1.0 for t in temps])
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        return scores / tensor_arg[: scores.size(0)].view(torch.float32).unsqueeze(-1)
+        temperature = tensor_arg[: scores.size(0)].view(torch.float32)
+        if self.idle(temperature != 1.0):
+            return scores
+        return scores / temperature.unsqueeze(-1)
 
 
 class TopK(_RowProcessor):
@@ -97,6 +108,8 @@ class TopK(_RowProcessor):
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         vocab = scores.size(-1)
         k = tensor_arg[: scores.size(0)].to(torch.int64)
+        if self.idle(k > 0):
+            return scores
         k = torch.where(k > 0, k.clamp(max=vocab), torch.full_like(k, vocab))
         ordered = torch.sort(scores, dim=-1, descending=True).values
         threshold = ordered.gather(-1, (k - 1).unsqueeze(-1))
@@ -113,6 +126,8 @@ class TopP(_RowProcessor):
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         p = tensor_arg[: scores.size(0)].view(torch.float32).unsqueeze(-1)
+        if self.idle(p < 1.0):
+            return scores
         ordered, order = torch.sort(scores, dim=-1, descending=True)
         cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
         # A token goes when the better tokens before it already reach p; the best one always stays.
@@ -137,13 +152,15 @@ class SeededNoise(_RowProcessor):
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
         keys = tensor_arg[: scores.size(0)]
+        if self.idle(keys != 0):
+            return scores
         noise = gumbel(keys, scores.size(-1))
         return scores + torch.where((keys != 0).unsqueeze(-1), noise, torch.zeros_like(noise))
 
 
-def sampling_processors() -> ContinuousBatchingLogitsProcessorList:
+def sampling_processors(branch_free: bool) -> ContinuousBatchingLogitsProcessorList:
     """The processor list the step loop runs: each request's own temperature, top-k, top-p, seed."""
-    processors = [Temperature(), TopK(), TopP(), SeededNoise()]
+    processors = [cls(branch_free) for cls in (Temperature, TopK, TopP, SeededNoise)]
     chain = ContinuousBatchingLogitsProcessorList(LogitsProcessorList(processors), per_request_processors=False)
     chain.tensors_required = len(processors)  # one row of per-request arguments each
     return chain

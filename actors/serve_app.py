@@ -265,8 +265,14 @@ class LlavaNextServer:
         sent = ""
         try:
             yield chunks.role()
-            while (text := await updates.get()) is not None:
-                if len(text) > len(sent) and text.startswith(sent):
+            finished = False
+            while not finished:
+                text = await updates.get()
+                # Updates that piled up while the last chunk was sent go out as one chunk.
+                while text is not None and not updates.empty():
+                    text = updates.get_nowait()
+                finished = text is None
+                if not finished and len(text) > len(sent) and text.startswith(sent):
                     yield chunks.content(text[len(sent):])
                     sent = text
             result = submission.future.result()

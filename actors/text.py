@@ -20,7 +20,7 @@ class TextTracker:
         self._decode = decode
         self.stops = tuple(s for s in stops if s)
         self.tokens: list[int] = []
-        self.text = ""
+        self._text: str | None = ""
         self.stopped = False
 
     def update(self, tokens: Sequence[int]) -> bool:
@@ -34,17 +34,24 @@ class TextTracker:
         start = min(len(self.tokens), len(tokens))  # a re-run starts its tokens over
         self.tokens = list(tokens)
         if not self.stops:
-            self.text = self._decode(self.tokens)
+            self._text = None  # decoded when asked for
             return False
         # Check each new token's prefix, so the answer is cut at the first token that completes a stop.
         for end in range(max(start, 1), len(self.tokens) + 1):
             text = self._decode(self.tokens[:end])
             cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
             if cut >= 0:
-                self.tokens, self.text, self.stopped = self.tokens[:end], text[:cut], True
+                self.tokens, self._text, self.stopped = self.tokens[:end], text[:cut], True
                 return True
-            self.text = text
+            self._text = text
         return False
+
+    @property
+    def text(self) -> str:
+        """The answer so far (cut before the stop string once one ended it)."""
+        if self._text is None:
+            self._text = self._decode(self.tokens)
+        return self._text
 
     def stable(self, finished: bool = False) -> str:
         """The text that later tokens cannot change (all of it once the answer is finished)."""

@@ -1,6 +1,6 @@
 """Measure the project's speed claims side by side with their baselines; write JSON, Markdown, PNG.
 
-Usage: python -m jobs.benchmark {preprocess,pipeline,serve,gpu,all} [--out DIR] [--quick]
+Usage: python -m jobs.benchmark {preprocess,pipeline,engine,serve,gpu,all} [--out DIR] [--quick]
 
 Every figure is a ratio against a baseline run in the same process, so drift on a shared
 machine cancels out; `--quick` runs a small version of a suite as a smoke test.
@@ -13,7 +13,7 @@ import importlib
 import logging
 import os
 
-SUITES = ("preprocess", "pipeline", "serve", "gpu")
+SUITES = ("preprocess", "pipeline", "engine", "serve", "gpu")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     from actors.serve_app import APP_NAME, application
 
     log.info("serve options: %s", json.dumps(options.describe()))
-    ray.init()
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:  # a local instance: enough logical CPUs for every replica and its preparation processes
+        ray.init(num_cpus=max(os.cpu_count() or 1, options.replicas * (1 + options.prepare_workers)))
     # Installed after ray.init, which sets its own: SIGTERM (from `kill` or a job runner) and a
     # SIGINT that a background launch left ignored both take the clean path of Ctrl-C.
     for signum in (signal.SIGINT, signal.SIGTERM):

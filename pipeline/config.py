@@ -275,7 +275,7 @@ class ServeOptions:
     max_batch_size: int = 8
     batch_wait_ms: float = 20.0
     api_key: str | None = None
-    prepare_workers: int = 2
+    prepare_workers: int = 1
     max_images_per_request: int = 8
     allow_remote_images: bool = False
     allow_s3_prefixes: tuple[str, ...] = ()

@@ -1,11 +1,12 @@
-"""Suite `serve`: the HTTP endpoint under 1, 4 and 16 concurrent clients, and its cost per request.
+"""Suite `serve`: the HTTP endpoint under 1, 4 and 16 concurrent streaming clients, against the
+same engine called directly in this process on the same requests.
 
-Clients are threads posting OpenAI chat requests with an inline JPEG to a local Serve
-application on the tiny checkpoint. Throughput at 16 clients over 1 client is what dynamic
-batching buys; the overhead is the 1-client p50 latency minus that of the same work (prepare the
-image, one `Engine.generate`) called directly in this process. The overhead is measured on a
-second application whose batcher does not wait, because a lone request otherwise waits the
-configured `batch_wait_ms` for company by design.
+Clients are threads posting OpenAI chat requests (an inline JPEG, a 64-token answer, greedy,
+`stream: true`) to a local Serve application on the tiny checkpoint, reading the server-sent
+events as they come. Per level: time to first token (TTFT) p50/p99, whole-request latency,
+tokens per second per client, requests per second. The direct baseline submits the same requests
+to an `Engine` in this process (prepare the image, generate), at 1 and at 16 in flight; the
+endpoint's overhead is its 1-client p50 latency minus the direct 1-in-flight p50.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from pathlib import Path
 import torch
 
 from actors.engine import Engine
-from jobs.bench.common import Plot, SuiteResult, Target, local_ray, median, percentile, seconds
+from jobs.bench.common import Plot, SuiteResult, Target, local_ray, median, percentile
 from jobs.bench.images import photo_jpeg
 from jobs.make_tiny_model import make_tiny_model
-from pipeline.config import EngineConfig
+from pipeline.config import EngineConfig, SamplingParams
 from pipeline.preprocess import prepare
 from pipeline.schemas import GenerationRequest
 
@@ -36,8 +37,7 @@ log = logging.getLogger(__name__)
 LEVELS = (1, 4, 16)
 IMAGE_SIZE = (320, 240)
 QUESTION = "What is shown in this image?"
-MAX_BATCH_SIZE = 16
-BATCH_WAIT_MS = 20.0  # as in actors/serve_config.yaml
+DISTINCT_IMAGES = 8
 
 
 def free_port() -> int:
@@ -46,156 +46,148 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def chat_body(image: bytes, max_tokens: int) -> bytes:
+def chat_body(image: bytes, max_tokens: int, stream: bool) -> bytes:
     url = "data:image/jpeg;base64," + base64.b64encode(image).decode()
     message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}
-    return json.dumps({"messages": [message], "max_tokens": max_tokens, "temperature": 0}).encode()
+    body = {"messages": [message], "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return json.dumps(body).encode()
 
 
-def post(url: str, body: bytes) -> float:
-    """Seconds for one chat request; anything but a 200 stops the suite (a failed request is not a fast one)."""
+def stream_once(url: str, body: bytes) -> dict[str, float]:
+    """One streamed request: seconds to the first text, seconds in all, completion tokens."""
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     start = time.perf_counter()
+    first, tokens = None, 0
     with urllib.request.urlopen(request, timeout=300) as response:
-        response.read()
         if response.status != 200:
             raise RuntimeError(f"{url} answered {response.status}")
-    return time.perf_counter() - start
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[len(b"data: "):])
+            if "error" in event:
+                raise RuntimeError(f"{url} streamed an error: {event}")
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            elif first is None and event["choices"] and event["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    return {"ttft_s": first if first is not None else total, "total_s": total, "tokens": tokens}
 
 
-def load(base: str, body: bytes, clients: int, per_client: int) -> dict[str, float]:
-    """Requests/s and latency percentiles with `clients` threads each sending back-to-back requests."""
+def load(base: str, bodies: list[bytes], clients: int, per_client: int) -> dict[str, float]:
+    """Each client thread sends `per_client` streamed requests back to back."""
     url = f"{base}/v1/chat/completions"
     barrier = threading.Barrier(clients)
 
-    def client(_: int) -> list[float]:
+    def client(k: int) -> list[dict[str, float]]:
         barrier.wait()
-        return [post(url, body) for _ in range(per_client)]
+        return [stream_once(url, bodies[(k * per_client + i) % len(bodies)]) for i in range(per_client)]
 
-    before = json.loads(urllib.request.urlopen(f"{base}/v1/stats", timeout=30).read())
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        latencies = [s for one in pool.map(client, range(clients)) for s in one]
+        done = [r for one in pool.map(client, range(clients)) for r in one]
     wall = time.perf_counter() - start
-    after = json.loads(urllib.request.urlopen(f"{base}/v1/stats", timeout=30).read())
-    batches = after["batches"] - before["batches"]
+    ttft = [r["ttft_s"] * 1000 for r in done]
+    total = [r["total_s"] * 1000 for r in done]
     return {
-        "clients": clients,
-        "requests": len(latencies),
-        "wall_s": wall,
-        "rps": len(latencies) / wall,
-        "p50_ms": 1000 * percentile(latencies, 50),
-        "p99_ms": 1000 * percentile(latencies, 99),
-        "mean_batch_size": (after["requests"] - before["requests"]) / batches if batches else 0.0,
+        "clients": clients, "requests": len(done), "wall_s": wall, "rps": len(done) / wall,
+        "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
+        "p50_ms": percentile(total, 50), "p99_ms": percentile(total, 99),
+        "tokens_per_s_per_client": median([r["tokens"] / r["total_s"] for r in done]),
     }
 
 
-def direct_ms(model: str, image: bytes, max_tokens: int, repeats: int, batch: int = 1) -> list[float]:
-    """Milliseconds of the replica's own work done in-process: prepare `batch` images, generate once.
+def direct(model: str, images: list[bytes], max_tokens: int, in_flight: int, requests: int) -> dict[str, float]:
+    """The replica's work in this process, `in_flight` requests at a time: prepare, then generate."""
+    engine = Engine(EngineConfig(model=model, max_new_tokens=max_tokens, device="cpu", page_size=16))
+    prompt = engine.format_question(QUESTION, 1)
 
-    One torch thread, as in a Serve replica holding one CPU. With `batch` > 1 it is the ceiling of
-    what dynamic batching can gain on this device, with no HTTP in the way.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    def one(k: int) -> float:
+        start = time.perf_counter()
+        p = prepare(images[k % len(images)], engine.spec)
+        engine.generate([GenerationRequest(prompt, [p.tiles], [p.size], SamplingParams(max_new_tokens=max_tokens),
+                                           [p.digest])])
+        return time.perf_counter() - start
+
     try:
-        engine = Engine(EngineConfig(model=model, max_new_tokens=max_tokens, device="cpu"))
-        prompt = engine.format_question(QUESTION, 1)
-
-        def once() -> None:
-            prepared = [prepare(image, engine.spec) for _ in range(batch)]
-            engine.generate([GenerationRequest(prompt, [p.tiles], [p.size]) for p in prepared])
-
-        once()
-        return [1000 * seconds(once) for _ in range(repeats)]
+        one(0)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(in_flight) as pool:
+            latencies = list(pool.map(one, range(requests)))
+        wall = time.perf_counter() - start
     finally:
-        torch.set_num_threads(threads)
-
-
-def deploy(model: str, name: str, max_tokens: int, batch_wait_ms: float) -> None:
-    from ray import serve
-
-    from actors.serve_app import build_app
-
-    args = {
-        "model": model, "max_new_tokens": max_tokens, "gpus_per_replica": 0, "dtype": "float32",
-        "max_batch_size": MAX_BATCH_SIZE, "batch_wait_ms": batch_wait_ms,
-        "max_ongoing_requests": 2 * max(LEVELS), "max_queued_requests": 4 * max(LEVELS),
-    }
-    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+        engine.close()
+    return {"in_flight": in_flight, "requests": requests, "rps": requests / wall,
+            "p50_ms": 1000 * median(latencies), "p99_ms": 1000 * percentile(latencies, 99)}
 
 
 def run(quick: bool) -> SuiteResult:
     from ray import serve
 
-    per_client, max_tokens, repeats = (2, 8, 8) if quick else (8, 16, 40)
-    image = photo_jpeg(*IMAGE_SIZE, seed=7)
-    body = chat_body(image, max_tokens)
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, local_ray():
+    from actors.serve_app import build_app
+
+    per_client, max_tokens = (1, 16) if quick else (4, 64)
+    images = [photo_jpeg(*IMAGE_SIZE, seed=k) for k in range(DISTINCT_IMAGES)]
+    bodies = [chat_body(image, max_tokens, stream=True) for image in images]
+    threads = torch.get_num_threads()
+    # Logical CPUs for the replica (engine + one preparation process) beside the client threads.
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, local_ray(num_cpus=4):
         model = str(make_tiny_model(Path(tmp) / "model"))
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
-            deploy(model, "batched", max_tokens, BATCH_WAIT_MS)
-            deploy(model, "nowait", max_tokens, 0.0)
+            args = {"model": model, "max_new_tokens": max_tokens, "gpus_per_replica": 0, "dtype": "float32",
+                    "page_size": 16, "max_ongoing_requests": 2 * max(LEVELS), "max_queued_requests": 4 * max(LEVELS)}
+            serve.run(build_app(args), name="bench", route_prefix="/")
             base = f"http://127.0.0.1:{port}"
-            for name in ("batched", "nowait"):
-                load(f"{base}/{name}", body, 4, 1)  # warm both replicas up
-            levels = [load(f"{base}/batched", body, c, per_client * (1 if c == 1 else 2)) for c in LEVELS]
-            nowait = load(f"{base}/nowait", body, 1, 2 * per_client)
-            direct_by_batch = {c: direct_ms(model, image, max_tokens, max(2, repeats // c), c) for c in LEVELS}
+            load(base, bodies, 4, 1)  # warm-up: the replica's pool, the image cache, the loop
+            levels = {c: load(base, bodies, c, per_client * (1 if c == 1 else 2)) for c in LEVELS}
         finally:
             serve.shutdown()
-    by_clients = {lvl["clients"]: lvl for lvl in levels}
-    direct = direct_by_batch[1]
-    direct_p50 = median(direct)
-    direct_rps = {c: c * 1000 / median(ms) for c, ms in direct_by_batch.items()}
+        torch.set_num_threads(1)  # as in a replica holding one CPU
+        try:
+            one = direct(model, images, max_tokens, 1, 4 * per_client)
+            sixteen = direct(model, images, max_tokens, 16, 32 * per_client)
+        finally:
+            torch.set_num_threads(threads)
+    overhead_ms = levels[1]["p50_ms"] - one["p50_ms"]
     ratios = {
-        "speedup_direct_batch_16_over_1": direct_rps[16] / direct_rps[1],
-        "speedup_rps_16_over_1_client": by_clients[16]["rps"] / by_clients[1]["rps"],
-        "speedup_rps_4_over_1_client": by_clients[4]["rps"] / by_clients[1]["rps"],
-        "ratio_endpoint_p50_over_direct": nowait["p50_ms"] / direct_p50,
-        "ratio_endpoint_p50_with_batch_wait_over_direct": by_clients[1]["p50_ms"] / direct_p50,
+        "ratio_endpoint_rps_over_direct_at_16": levels[16]["rps"] / sixteen["rps"],
+        "ratio_ttft_p50_16_over_1_client": levels[16]["ttft_p50_ms"] / levels[1]["ttft_p50_ms"],
+        "speedup_rps_16_over_1_client": levels[16]["rps"] / levels[1]["rps"],
+        "ratio_endpoint_p50_over_direct": levels[1]["p50_ms"] / one["p50_ms"],
     }
-    overhead_ms = nowait["p50_ms"] - direct_p50
-    rows = [
-        [f"endpoint, wait {BATCH_WAIT_MS:g} ms", lvl["clients"], lvl["requests"], lvl["rps"], lvl["p50_ms"], lvl["p99_ms"], lvl["mean_batch_size"]]
-        for lvl in levels
-    ]
-    rows.append(["endpoint, wait 0 ms", 1, nowait["requests"], nowait["rps"], nowait["p50_ms"], nowait["p99_ms"], nowait["mean_batch_size"]])
-    rows += [
-        ["direct Engine call", c, c * len(ms), direct_rps[c], median(ms), percentile(ms, 99), float(c)]
-        for c, ms in direct_by_batch.items()
-    ]
+    rows = [["endpoint (stream)", c, lvl["requests"], lvl["rps"], lvl["ttft_p50_ms"], lvl["ttft_p99_ms"], lvl["p50_ms"],
+             lvl["p99_ms"], lvl["tokens_per_s_per_client"]] for c, lvl in levels.items()]
+    rows += [["direct engine call", d["in_flight"], d["requests"], d["rps"], "-", "-", d["p50_ms"], d["p99_ms"], "-"]
+             for d in (one, sixteen)]
     return SuiteResult(
         suite="serve",
-        title="Online endpoint: requests/s and latency by concurrent clients (tiny checkpoint, CPU)",
-        header=["path", "clients", "requests", "requests/s", "p50 ms", "p99 ms", "mean batch"],
+        title="Online endpoint: streamed requests by concurrent clients vs the engine called directly (tiny checkpoint, CPU)",
+        header=["path", "clients / in flight", "requests", "requests/s", "TTFT p50 ms", "TTFT p99 ms", "p50 ms",
+                "p99 ms", "tokens/s per client"],
         rows=rows,
         ratios=ratios,
         targets=[
-            Target("requests/s at 16 clients / 1 client", ratios["speedup_rps_16_over_1_client"], 3.0, True),
+            Target("endpoint requests/s at 16 clients / direct at 16 in flight", ratios["ratio_endpoint_rps_over_direct_at_16"], 0.7, True),
             Target("endpoint overhead over a direct engine call, p50 ms", overhead_ms, 15.0, False),
+            Target("TTFT p50 at 16 clients / 1 client", ratios["ratio_ttft_p50_16_over_1_client"], 3.0, False),
         ],
-        raw={
-            "levels": levels, "nowait": nowait, "direct_ms_by_batch": direct_by_batch, "overhead_p50_ms": overhead_ms,
-            "overhead_p50_ms_with_batch_wait": by_clients[1]["p50_ms"] - direct_p50,
-            "max_tokens": max_tokens, "image_size": IMAGE_SIZE, "max_batch_size": MAX_BATCH_SIZE,
-            "batch_wait_ms": BATCH_WAIT_MS,
-        },
+        raw={"levels": levels, "direct_1": one, "direct_16": sixteen, "overhead_p50_ms": overhead_ms,
+             "max_tokens": max_tokens, "image_size": IMAGE_SIZE, "distinct_images": DISTINCT_IMAGES},
         notes=[
-            f"Each request: one {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG as a data URL, {max_tokens} new tokens, greedy; "
-            f"one replica on one CPU, max_batch_size {MAX_BATCH_SIZE}; clients are threads of the benchmark process "
-            "on the same machine.",
-            f"Overhead: 1-client p50 of the no-wait application minus the direct call's p50 = {overhead_ms:.1f} ms "
-            f"({by_clients[1]['p50_ms'] - direct_p50:.1f} ms with the {BATCH_WAIT_MS:g} ms batch wait).",
+            f"Each request: one of {DISTINCT_IMAGES} {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEGs as a data URL, {max_tokens} "
+            "new tokens, greedy, streamed; one replica (continuous scheduler, one preparation process); clients are "
+            "threads of the benchmark process on the same machine, so they share its cores with the replica.",
+            f"Overhead: 1-client p50 of the endpoint minus the direct call's p50 = {overhead_ms:.1f} ms.",
         ],
         plot=Plot(
-            title="Requests per second by concurrent clients (higher is better)", ylabel="requests/s",
+            title="Time to first token by concurrent clients (lower is better)", ylabel="ms",
             categories=[f"{c} client{'s' if c > 1 else ''}" for c in LEVELS],
-            series={
-                f"endpoint (batch wait {BATCH_WAIT_MS:g} ms)": [by_clients[c]["rps"] for c in LEVELS],
-                "direct Engine call, batch = clients": [direct_rps[c] for c in LEVELS],
-            },
+            series={"TTFT p50": [levels[c]["ttft_p50_ms"] for c in LEVELS],
+                    "whole request p50": [levels[c]["p50_ms"] for c in LEVELS]},
         ),
     )

@@ -36,6 +36,13 @@ def test_preprocess_suite(tmp_path):
     assert "| 4000x3000 |" in (tmp_path / "preprocess.md").read_text()
 
 
+def test_engine_suite(tmp_path):
+    report = _run("engine", tmp_path)
+    _assert_ratios(report)
+    assert all(r["tokens_equal"] == r["rows"] for r in report["raw"]["results"])
+    assert {r["workload"] for r in report["raw"]["results"]} == {"mixed", "questions"}
+
+
 @pytest.mark.parametrize("suite", ["pipeline", "serve"])
 def test_ray_suites(suite, tmp_path, ray_local):
     report = _run(suite, tmp_path)

@@ -163,3 +163,13 @@ def test_too_many_images_is_a_400():
     with pytest.raises(api.ApiError) as info:
         api.parse_chat_request(body, 16, max_images=2)
     assert (info.value.status, info.value.code) == (400, "too_many_images")
+
+
+def test_the_shipped_serve_config_is_valid_options():
+    import yaml
+
+    from pathlib import Path
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "actors" / "serve_config.yaml").read_text())
+    options = ServeOptions.from_args(config["applications"][0]["args"])
+    assert options.engine.scheduler == "continuous" and options.allow_s3_prefixes == ()
