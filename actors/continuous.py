@@ -16,6 +16,7 @@ Three threads, each with one job:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -35,6 +36,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching import RequestStatus
 from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING, FIFOScheduler
 
+from actors import attention as packed_attention
 from actors.features import Entry, FeatureEmbedding, FeatureTable
 from actors.sampling import sampling_processors
 from actors.text import TextTracker
@@ -188,10 +190,14 @@ class ContinuousLoop:
         cb = ContinuousBatchingConfig(
             page_size=cfg.page_size, num_blocks=self.num_blocks, max_batch_tokens=batch_tokens,
             max_requests_per_batch=cfg.max_running_requests, allow_block_sharing=True,
-            scheduler_type=self._scheduler_name, auto_switch_to_flash=False,
+            scheduler_type=self._scheduler_name, auto_switch_to_flash=True,
             max_memory_percent=0.8 if engine.device.type == "cuda" else None,
         )
+        if engine.model.config._attn_implementation == packed_attention.NAME:
+            engine.model.set_attn_implementation(cfg.attn_implementation)  # what the loop checks it can serve
         manager = engine.model.init_continuous_batching(generation, cb)
+        if engine.device.type == "cpu" and cfg.attn_implementation == "sdpa":
+            engine.model.set_attn_implementation(packed_attention.NAME)  # see actors/attention.py
         # No CUDA graph can capture a step on CPU, so there the processors may skip idle work.
         manager.logit_processor = sampling_processors(branch_free=engine.device.type == "cuda")
         manager.start()
@@ -348,7 +354,8 @@ class ContinuousLoop:
                 tiles += item[1].shape[0]
                 continue
             try:
-                features = self.engine.encode_images([c[1] for c in chunk], [c[2] for c in chunk])
+                with self._model_to_myself():
+                    features = self.engine.encode_images([c[1] for c in chunk], [c[2] for c in chunk])
                 for (entry, _, _), f in zip(chunk, features):
                     self.table.publish(entry, f)
             except Exception as exc:
@@ -356,6 +363,25 @@ class ContinuousLoop:
                 for entry, _, _ in chunk:
                     self.table.fail(entry, f"image encoding failed: {type(exc).__name__}: {exc}")
             chunk, tiles = ([item], item[1].shape[0]) if item is not None else ([], 0)
+
+    @contextlib.contextmanager
+    def _model_to_myself(self):
+        """Hold the step loop between two steps while the vision tower runs: the two must not run
+        model code at the same time (seen on CPU: concurrent steps corrupted the image features)."""
+        manager = self.manager
+        if manager is None or not manager.is_running():
+            yield
+            return
+        try:
+            pause = manager.pause()
+            pause.__enter__()
+        except RuntimeError:  # the loop stopped meanwhile: nothing runs beside us
+            yield
+            return
+        try:
+            yield
+        finally:
+            pause.__exit__(None, None, None)
 
     def _input_ids(self, sub: Submission) -> list[int]:
         """The prompt with each image's placeholder run replaced by the ids of its table rows."""
@@ -419,7 +445,11 @@ class ContinuousLoop:
                 with self._lock:
                     dead = manager is self.manager and not self._maintenance and not manager.is_running()
                 if dead and not self._closed.is_set():
-                    self._recover(manager)
+                    try:
+                        self._recover(manager)
+                    except Exception:  # the dispatcher must outlive anything a recovery meets
+                        log.exception("restarting the generation loop failed; trying again")
+                        time.sleep(1.0)
                 continue
             try:
                 self._on_output(manager, out)
@@ -469,36 +499,36 @@ class ContinuousLoop:
         dead.join(time.perf_counter(), timeout=30)
         error = dead.background_thread_status.fatal_error
         oom = isinstance(error, torch.OutOfMemoryError)
+        floor = self.engine.cfg.page_size
         with self._lock:
             suspects = sorted(self._live.values(), key=lambda s: int(s.key[1:]))
             self._live.clear()
             waiting = [f for group in self._gates.values() for f in group]
             self._gates.clear()
-            self.counters.loop_restarts += 1
-        log.error("the generation loop died (%s: %s) holding %d request(s); restarting it",
-                  type(error).__name__, error, len(suspects))
-        dead.stop(block=True, timeout=30)
-        if oom and self.engine.device.type == "cuda":
-            torch.cuda.empty_cache()
-        floor = self.engine.cfg.page_size
-        current = int(self.max_batch_tokens or dead.continuous_batching_config.max_batch_tokens)
-        shrink = oom and current > floor
-        if shrink:
-            self.max_batch_tokens = max(floor, current // 2)
-            log.warning("out of memory: %d tokens per step from now on", self.max_batch_tokens)
-        self.manager = self._start_manager()
-        with self._lock:
+            if suspects:
+                self.counters.loop_restarts += 1
+            current = int(self.max_batch_tokens or dead.continuous_batching_config.max_batch_tokens)
+            shrink = oom and bool(suspects) and current > floor
+            if shrink:
+                self.max_batch_tokens = max(floor, current // 2)
+            # Queued before the new loop starts, so a failed start loses nobody.
             for sub in suspects:
                 sub.gate = None
                 if len(suspects) == 1 and not shrink:
                     self._fail(sub, f"generate: {type(error).__name__}: {error}")
-                elif shrink:
-                    self._held.append(sub)
                 else:
-                    self._suspects.append(sub)
+                    (self._held if shrink else self._suspects).append(sub)
             self._held.extend(waiting)
             self._isolating = True
-            self._next_isolated()
+        log.error("the generation loop died (%s: %s) holding %d request(s); restarting it",
+                  type(error).__name__, error, len(suspects))
+        if shrink:
+            log.warning("out of memory: %d tokens per step from now on", self.max_batch_tokens)
+        dead.stop(block=True, timeout=30)
+        if oom and self.engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.manager = self._start_manager()
+        self._next_isolated()
 
     def _next_isolated(self) -> None:
         """While isolating: run the next suspect alone; with none left, back to normal traffic."""

@@ -42,65 +42,67 @@ def batches_in_flight(cfg: EngineConfig, batch_size: int) -> int:
     return math.ceil(cfg.max_running_requests / batch_size) + 1
 
 
-@ray.remote(num_cpus=0)
-class EngineStats:
-    """Collects the engines' counters of one job: each actor reports its running totals."""
-
-    def __init__(self) -> None:
-        self._latest: dict[str, dict[str, int]] = {}
-
-    def report(self, actor: str, stats: dict[str, int]) -> None:
-        self._latest[actor] = stats
-
-    def totals(self) -> dict[str, int]:
-        keys = ("requests", "prefill_tokens_submitted", "prefill_tokens_computed", "prefill_tokens_matched",
-                "generated_tokens", "image_encodings_requested", "image_encodings_run", "loop_restarts")
-        return {k: sum(s.get(k, 0) for s in self._latest.values()) for k in keys}
-
-
 class Predictor:
-    """Generation stage: answers every row that reached it without an error."""
+    """Generation stage: one output row per (row, question), every question of a row answered.
+
+    The questions of one image reach the engine together, so it encodes and prefills the image
+    once. With `questions_mode` the output carries `question_index` and `question`; pairs in
+    `done` (from a resumed run) are not asked again.
+    """
 
     def __init__(self, engine_cfg: EngineConfig, id_column: str, keep: tuple[str, ...] = (),
-                 stats_actor: str | None = None):
+                 stats_actor: str | None = None, questions_mode: bool = False, done: frozenset = frozenset()):
         self.engine = Engine(engine_cfg)
         self.id_column = id_column
         self.keep = tuple(c for c in keep if c != id_column)
+        self.questions_mode = questions_mode
+        self.done = done
         self._stats = ray.get_actor(stats_actor) if stats_actor else None
         self._actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else "local"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = batch.column(self.id_column).to_pylist()
         errors = batch.column("error").to_pylist()
-        prompts = batch.column("prompt").to_pylist()
+        prompts = batch.column("prompts").to_pylist()
+        questions = batch.column("questions").to_pylist()
+        prompt_errors = batch.column("prompt_errors").to_pylist()
         tiles = _row_tiles(batch.column("tiles"))
         counts = batch.column("tile_counts").to_pylist()
         sizes = batch.column("image_sizes").to_pylist()
         digests = batch.column("image_digests").to_pylist()
-        results = [GenerationResult(error=e) for e in errors]
-        todo = [i for i, e in enumerate(errors) if e is None]
+        pairs = [(i, k) for i in range(batch.num_rows) for k in range(len(prompts[i]))
+                 if (ids[i], k) not in self.done]
+        results = {pair: GenerationResult(error=errors[pair[0]] or prompt_errors[pair[0]][pair[1]]) for pair in pairs}
+        todo = [pair for pair in pairs if results[pair].error is None]
         requests = []
-        for i in todo:
+        for i, k in todo:
             per_image, image_sizes = split_images(tiles[i], counts[i], sizes[i])
-            requests.append(GenerationRequest(prompts[i], per_image, image_sizes, image_digests=digests[i]))
-        for i, result in zip(todo, self.engine.generate(requests) if requests else []):
-            results[i] = result
+            requests.append(GenerationRequest(prompts[i][k], per_image, image_sizes, image_digests=digests[i]))
+        for pair, result in zip(todo, self.engine.generate(requests) if requests else []):
+            results[pair] = result
         if self._stats is not None and self.engine.loop is not None:
             self._stats.report.remote(self._actor, self.engine.stats())
-        return self._table(batch, prompts, results)
+        return self._table(batch, pairs, prompts, questions, results)
 
-    def _table(self, batch: pa.Table, prompts: list[str], results: list[GenerationResult]) -> pa.Table:
+    def _table(self, batch: pa.Table, pairs: list[tuple[int, int]], prompts: list, questions: list,
+               results: dict) -> pa.Table:
+        rows = [results[pair] for pair in pairs]
         values = {
-            "prompt": prompts,
-            "response": [r.response for r in results],
-            "error": [r.error for r in results],
-            "num_input_tokens": [r.num_input_tokens for r in results],
-            "num_output_tokens": [r.num_output_tokens for r in results],
-            "num_image_tokens": [r.num_image_tokens for r in results],
-            "finish_reason": [r.finish_reason for r in results],
-            "model": [self.engine.model_name] * len(results),
-            "generation_ms": [r.generation_ms for r in results],
+            "prompt": [prompts[i][k] for i, k in pairs],
+            "response": [r.response for r in rows],
+            "error": [r.error for r in rows],
+            "num_input_tokens": [r.num_input_tokens for r in rows],
+            "num_output_tokens": [r.num_output_tokens for r in rows],
+            "num_image_tokens": [r.num_image_tokens for r in rows],
+            "finish_reason": [r.finish_reason for r in rows],
+            "model": [self.engine.model_name] * len(rows),
+            "generation_ms": [r.generation_ms for r in rows],
         }
-        columns = {"id": batch.column(self.id_column)}
+        take = pa.array([i for i, _ in pairs], pa.int64())
+        columns = {"id": batch.column(self.id_column).take(take)}
         columns.update({f.name: pa.array(values[f.name], f.type) for f in OUTPUT_FIELDS})
-        columns.update({name: batch.column(name) for name in self.keep})
+        if self.questions_mode:
+            columns["question_index"] = pa.array([k for _, k in pairs], pa.int32())
+            columns["question"] = pa.array([questions[i][k] for i, k in pairs], pa.string())
+        columns.update({name: batch.column(name).take(take) for name in self.keep})
         return pa.table(columns)

@@ -1,4 +1,5 @@
-"""Annotate a Parquet manifest of images with LLaVA-NeXT on Ray; write the answers as Parquet.
+"""Annotate images with LLaVA-NeXT on Ray (a Parquet manifest, a folder or bucket of images, or WebDataset
+shards); write the answers as Parquet.
 
 Usage: python -m jobs.annotate --input URI --output URI --model DIR [options]
 The same command runs under `ray job submit -- python -m jobs.annotate ...` on a cluster.
@@ -16,12 +17,15 @@ from typing import Any
 
 from pipeline.config import (
     DEFAULT_QUESTION,
+    INPUT_FORMATS,
     AnnotateConfig,
     ConfigError,
     ImageLimits,
     add_engine_arguments,
+    answer_config_changes,
     engine_config_from,
     parse_actors,
+    read_questions,
     to_dict,
 )
 
@@ -31,14 +35,24 @@ log = logging.getLogger("jobs.annotate")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.annotate", description=__doc__.splitlines()[0])
     io = p.add_argument_group("data")
-    io.add_argument("--input", required=True, help="manifest: Parquet file, directory/prefix or glob; local or s3://")
+    io.add_argument("--input", required=True,
+                    help="Parquet manifest, folder of images or WebDataset .tar shards: a file, directory/prefix or "
+                         "glob; local or s3://")
+    io.add_argument("--input-format", default="auto", choices=INPUT_FORMATS,
+                    help="what --input holds (default: auto, decided from the files and logged)")
     io.add_argument("--output", required=True, help="output directory or s3:// prefix for Parquet results")
     io.add_argument("--id-column", default="id", help="manifest column holding unique row ids (default: id)")
+    io.add_argument("--image-column", help="manifest column holding the image(s) (default: image or images)")
+    io.add_argument("--questions-file", help="ask every image each question of this file (one per line, or a JSON "
+                                             "list): one output row per (id, question_index)")
+    io.add_argument("--questions-column", help="manifest column holding a list of questions per row")
     io.add_argument("--keep-columns", default="", help="comma-separated manifest columns copied to the output")
     io.add_argument("--limit", type=int, help="process only the first N rows")
     io.add_argument("--overwrite", action="store_true", help="replace an output that already holds results")
     io.add_argument("--resume", action="store_true", help="continue an interrupted run: skip ids already answered")
     io.add_argument("--retry-errors", action="store_true", help="re-run the rows whose error is set, replacing them")
+    io.add_argument("--force-config", action="store_true",
+                    help="with --resume/--retry-errors: continue even though settings that change answers differ")
     m = p.add_argument_group("model")
     m.add_argument("--model", required=True, help="checkpoint directory (saved with save_pretrained)")
     m.add_argument("--prompt", default=DEFAULT_QUESTION, help="question for rows whose prompt is null or missing")
@@ -65,12 +79,17 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
         output=args.output,
         engine=engine,
         prompt=args.prompt,
+        input_format=args.input_format,
         id_column=args.id_column,
+        image_column=args.image_column,
+        questions=read_questions(args.questions_file) if args.questions_file else (),
+        questions_column=args.questions_column,
         keep_columns=tuple(c.strip() for c in args.keep_columns.split(",") if c.strip()),
         limit=args.limit,
         overwrite=args.overwrite,
         resume=args.resume,
         retry_errors=args.retry_errors,
+        force_config=args.force_config,
         batch_size=args.batch_size,
         preprocess_batch_size=args.preprocess_batch_size,
         rows_per_file=args.rows_per_file,
@@ -82,10 +101,36 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
     )
 
 
+def check_continuation(cfg: AnnotateConfig) -> None:
+    """A resumed or retried run must answer the way the first one did: refuse, naming the keys,
+    when the output's `_config.json` differs in anything that changes answers."""
+    from pipeline.read import filesystem
+    from pipeline.write import CONFIG_FILE, OutputExistsError
+
+    fs, path = filesystem(cfg.output)
+    saved = f"{path.rstrip('/')}/{CONFIG_FILE}"
+    if not (cfg.resume or cfg.retry_errors) or cfg.force_config or not fs.exists(saved):
+        return
+    with fs.open(saved, "r") as f:
+        previous = json.load(f)
+    changed = answer_config_changes(previous, json.loads(json.dumps(to_dict(cfg), default=str)))
+    if changed:
+        raise OutputExistsError(
+            f"output {cfg.output} was made with a different {', '.join(changed)}; continuing it would mix "
+            "answers of two configurations. Run with the same settings, write to a new --output, or pass "
+            "--force-config to continue anyway"
+        )
+
+
 def run(cfg: AnnotateConfig) -> dict[str, Any]:
     """Run the whole job on the connected Ray cluster and return its summary."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from pipeline.build import build_plan
-    from pipeline.read import arrow_filesystem, filesystem, inspect_manifest
+    from pipeline.inputs import open_input
+    from pipeline.read import arrow_filesystem, filesystem
+    from pipeline.stats import JobStats
     from pipeline.write import (
         CONFIG_FILE,
         SUMMARY_FILE,
@@ -97,30 +142,32 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     )
 
     start = time.perf_counter()
-    files, columns = inspect_manifest(cfg.input, cfg.id_column, cfg.keep_columns)
+    spec = open_input(cfg.input, cfg.input_format, cfg.id_column, cfg.image_column, cfg.keep_columns,
+                      cfg.questions_column)
+    check_continuation(cfg)
     continuing = cfg.resume or cfg.retry_errors
     prepare_output(cfg.output, cfg.overwrite, continuing)
     previous = reconcile_output(cfg.output) if continuing else OutputState()
     if continuing:
         log.info(
-            "continuing %s: %d ids answered, %d failed rows to retry, %d unreadable files set aside",
-            cfg.output, len(previous.done_ids), len(previous.error_ids), len(previous.set_aside),
+            "continuing %s: %d rows answered, %d failed rows to retry, %d unreadable files set aside",
+            cfg.output, len(previous.done_pairs or previous.done_ids), len(previous.error_ids), len(previous.set_aside),
         )
-    import ray
-
-    from actors.predictor import EngineStats
-
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     # On the driver's node: the counters outlive any worker node that goes away mid-job.
-    stats_name = f"llava-engine-stats-{uuid.uuid4().hex[:12]}"
+    stats_name = f"llava-job-stats-{uuid.uuid4().hex[:12]}"
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    stats = EngineStats.options(name=stats_name, scheduling_strategy=here).remote()
-    ds, rows_in = build_plan(cfg, files, columns, previous.done_ids, stats_name)
+    stats = JobStats.options(name=stats_name, scheduling_strategy=here).remote()
+    ds = build_plan(cfg, spec, previous.done_ids, previous.done_pairs, stats_name)
     write_json(cfg.output, CONFIG_FILE, to_dict(cfg))
     fs, path = filesystem(cfg.output)
     ds.write_parquet(path, filesystem=arrow_filesystem(fs))
+    rows_in = spec.rows if spec.rows is not None else ray.get(stats.rows_listed.remote())
+    if cfg.limit is not None:
+        rows_in = min(rows_in, cfg.limit)
     summary = summarize(cfg.output, rows_in, time.perf_counter() - start, previous)
+    summary["input_format"] = spec.kind
+    if cfg.questions:
+        summary["questions_per_row"] = len(cfg.questions)
     summary["engine"] = ray.get(stats.totals.remote()) if cfg.engine.scheduler == "continuous" else {}
     ray.kill(stats)
     write_json(cfg.output, SUMMARY_FILE, summary)

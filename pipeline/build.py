@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import AnnotateConfig
+from pipeline.inputs import InputSpec, read_input
 from pipeline.preprocess import StageConfig, prepare_batch
-from pipeline.read import ManifestColumns, count_rows, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def plan_resources(cfg: AnnotateConfig, cluster: dict[str, float]) -> Resources:
     return Resources(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=1.0)
 
 
-def stage_config(cfg: AnnotateConfig, columns: ManifestColumns) -> StageConfig:
+def stage_config(cfg: AnnotateConfig, spec: InputSpec) -> StageConfig:
+    columns = spec.columns
     return StageConfig(
         model=cfg.engine.model,
         prompt_format=cfg.engine.prompt_format,
@@ -54,6 +55,10 @@ def stage_config(cfg: AnnotateConfig, columns: ManifestColumns) -> StageConfig:
         limits=cfg.limits,
         fetch_timeout_s=cfg.fetch_timeout_s,
         fetch_threads=cfg.fetch_threads,
+        multi_image=columns.multi,
+        status_column=spec.status_column,
+        questions=cfg.questions,
+        questions_column=columns.questions,
     )
 
 
@@ -63,35 +68,50 @@ def preprocess_memory(cfg: AnnotateConfig) -> int:
 
 
 def drop_done(batch: pa.Table, id_column: str, done: pa.Array) -> pa.Table:
-    """Resume stage: leave out rows whose id the output already answers."""
+    """Resume stage: leave out rows whose id the output already answers (every question of it)."""
     return batch.filter(pc.invert(pc.is_in(batch.column(id_column), value_set=done)))
+
+
+def finished_ids(cfg: AnnotateConfig, done_ids: list, done_pairs: list) -> list:
+    """Ids nothing is left to do for: answered ids, or with a fixed list of questions, ids whose
+    every question is answered (a questions column can differ per row, so there the rows are read
+    again and only their open questions asked)."""
+    if not cfg.asks_questions:
+        return done_ids
+    if not cfg.questions:
+        return []
+    per_id: dict = {}
+    for row_id, _ in done_pairs:
+        per_id[row_id] = per_id.get(row_id, 0) + 1
+    return [row_id for row_id, n in per_id.items() if n >= len(cfg.questions)]
 
 
 def build_plan(
     cfg: AnnotateConfig,
-    files: list[str],
-    columns: ManifestColumns,
+    spec: InputSpec,
     done_ids: list | None = None,
+    done_pairs: list | None = None,
     stats_actor: str | None = None,
 ):
-    """The lazy Dataset of output rows, and the number of manifest rows it covers.
+    """The lazy Dataset of output rows.
 
-    `done_ids` (from a previous run) are read but not processed again; the generation actors
-    report their engines' counters to the named `stats_actor` when one is given.
+    `done_ids`/`done_pairs` (from a previous run) are not asked again; the generation actors
+    report their engines' counters, and listed inputs their row counts, to the named
+    `stats_actor` when one is given.
     """
     import ray
 
     from actors.predictor import Predictor, batches_in_flight
 
-    ds = read_manifest(cfg.input, files, columns)
-    rows_in = count_rows(cfg.input, files)
+    columns = spec.columns
+    ds = read_input(cfg.input, spec, stats_actor)
     if cfg.limit is not None:
         ds = ds.limit(cfg.limit)
-        rows_in = min(rows_in, cfg.limit)
-    if done_ids:
+    finished = finished_ids(cfg, done_ids or [], done_pairs or [])
+    if finished:
         ds = ds.map_batches(
             drop_done,
-            fn_kwargs={"id_column": columns.id, "done": pa.array(done_ids).cast(columns.id_type)},
+            fn_kwargs={"id_column": columns.id, "done": pa.array(finished).cast(columns.id_type)},
             batch_format="pyarrow",
             batch_size=None,
         )
@@ -99,10 +119,10 @@ def build_plan(
     # output files as they are answered instead of all at the end.
     ds = ds.repartition(target_num_rows_per_block=cfg.preprocess_batch_size)
     res = plan_resources(cfg, ray.cluster_resources())
-    log.info("plan: %d rows from %d files; %s", rows_in, len(files), res)
+    log.info("plan: %s input%s; %s", spec.kind, f" of {spec.rows} rows" if spec.rows is not None else "", res)
     ds = ds.map_batches(
         prepare_batch,
-        fn_kwargs={"cfg": stage_config(cfg, columns)},
+        fn_kwargs={"cfg": stage_config(cfg, spec)},
         batch_size=cfg.preprocess_batch_size,
         batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=cfg.cpu_workers),
@@ -122,6 +142,7 @@ def build_plan(
         Predictor,
         fn_constructor_kwargs={
             "engine_cfg": cfg.engine, "id_column": columns.id, "keep": columns.keep, "stats_actor": stats_actor,
+            "questions_mode": cfg.asks_questions, "done": frozenset(map(tuple, done_pairs or [])),
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
@@ -135,11 +156,11 @@ def build_plan(
         ),
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
-        udf_modifying_row_count=False,
+        udf_modifying_row_count=cfg.asks_questions,  # a row per question
         # Ray Data restarts a lost actor (killed, or on a node that went away) and reruns its
         # batch (its defaults: max_restarts=-1, max_task_retries=-1); nothing was written for
         # that batch yet, so no row is lost or doubled.
     )
     # Files of at most `rows_per_file` rows, written as they fill: a killed run keeps its progress.
     ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_file)
-    return ds, rows_in
+    return ds

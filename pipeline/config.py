@@ -7,6 +7,8 @@ and saved next to the output, so every result says how it was made.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,18 +134,26 @@ class AnnotateConfig:
 
     `actors` is (min, max) generation actors; None means one per GPU of the cluster (or one on
     a CPU-only cluster). `gpus_per_actor` None means 1 when the cluster has GPUs, else 0.
+
+    `questions` (from --questions-file) or `questions_column` (a manifest column of lists) ask
+    several questions of each image: one output row per (id, question_index).
     """
 
     input: str
     output: str
     engine: EngineConfig
     prompt: str = DEFAULT_QUESTION
+    input_format: str = "auto"
     id_column: str = "id"
+    image_column: str | None = None
+    questions: tuple[str, ...] = ()
+    questions_column: str | None = None
     keep_columns: tuple[str, ...] = ()
     limit: int | None = None
     overwrite: bool = False
     resume: bool = False
     retry_errors: bool = False
+    force_config: bool = False
     batch_size: int = 8
     preprocess_batch_size: int = 16
     rows_per_file: int = 1000
@@ -159,6 +169,16 @@ class AnnotateConfig:
             raise ConfigError("--input and --output are required")
         if self.input.rstrip("/") == self.output.rstrip("/"):
             raise ConfigError("--output must differ from --input")
+        if _inside(self.output, self.input):
+            raise ConfigError(
+                f"--output {self.output} lies inside --input {self.input}: the next run would read its files as "
+                "input; write the output elsewhere"
+            )
+        _check_choice("--input-format", self.input_format, INPUT_FORMATS)
+        if self.questions and self.questions_column:
+            raise ConfigError("give --questions-file or --questions-column, not both")
+        if any(not q.strip() for q in self.questions):
+            raise ConfigError("--questions-file holds an empty question")
         for name in ("batch_size", "preprocess_batch_size", "rows_per_file", "fetch_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -174,9 +194,68 @@ class AnnotateConfig:
             raise ConfigError("--cpu-workers must be at least 1")
         if self.fetch_timeout_s <= 0:
             raise ConfigError("--fetch-timeout must be positive")
-        reserved = {"prompt", "response", "error", "tiles", "image", "images"}
-        if reserved & set(self.keep_columns):
-            raise ConfigError(f"--keep-columns cannot name {sorted(reserved & set(self.keep_columns))}")
+        reserved = set(RESERVED_COLUMNS) | {"image", "images"}
+        clash = sorted(reserved & set(self.keep_columns))
+        if clash:
+            raise ConfigError(
+                f"--keep-columns cannot name {clash}: the output (or the CPU stage) already has columns of that "
+                "name; rename them in the input or leave them out"
+            )
+
+    @property
+    def asks_questions(self) -> bool:
+        return bool(self.questions or self.questions_column)
+
+
+# Every column the output or the CPU stage writes, which a kept input column would collide with.
+RESERVED_COLUMNS = (
+    "id", "prompt", "response", "error", "num_input_tokens", "num_output_tokens", "num_image_tokens",
+    "finish_reason", "model", "generation_ms", "question", "question_index",
+    "prompts", "questions", "tiles", "tile_counts", "image_sizes", "image_digests",
+)
+INPUT_FORMATS = ("auto", "parquet", "images", "webdataset")
+# Configuration keys that change answers: a resumed or retried run must keep them.
+ANSWER_KEYS = ("prompt", "questions", "questions_column", "engine.model", "engine.prompt_format",
+               "engine.max_new_tokens", "engine.temperature", "engine.top_p", "engine.top_k", "engine.seed",
+               "engine.dtype", "engine.quantization")
+
+
+def _inside(path: str, root: str) -> bool:
+    """True when `path` is strictly under `root` (both local paths, or both URIs)."""
+    if "://" not in path and "://" not in root:
+        path, root = os.path.abspath(path), os.path.abspath(root)
+    root = root.rstrip("/") + "/"
+    return path.rstrip("/").startswith(root) and path.rstrip("/") + "/" != root
+
+
+def answer_config_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The answer-changing keys (see ANSWER_KEYS) whose values differ between two saved configs."""
+
+    def get(cfg: dict[str, Any], key: str) -> Any:
+        for part in key.split("."):
+            cfg = cfg.get(part) if isinstance(cfg, dict) else None
+        return list(cfg) if isinstance(cfg, tuple) else cfg
+
+    return [k for k in ANSWER_KEYS if get(previous, k) != get(current, k)]
+
+
+def read_questions(path: str) -> tuple[str, ...]:
+    """Questions from a file: a JSON list of strings, or one question per non-empty line."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"--questions-file {path} is not a valid JSON list: {exc}") from None
+        if not isinstance(items, list) or not all(isinstance(q, str) for q in items):
+            raise ConfigError(f"--questions-file {path} must hold a JSON list of strings")
+        questions = tuple(items)
+    else:
+        questions = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not questions:
+        raise ConfigError(f"--questions-file {path} holds no questions")
+    return questions
 
 
 def parse_actors(text: str) -> tuple[int, int]:

@@ -187,7 +187,11 @@ def prepare(data: bytes, spec: AnyresSpec, limits: ImageLimits = ImageLimits()) 
 
 @dataclass(frozen=True)
 class StageConfig:
-    """What the CPU stage needs; small and picklable, so it ships to every task."""
+    """What the CPU stage needs; small and picklable, so it ships to every task.
+
+    Questions per row: `questions` (the same list for every row), else the list in
+    `questions_column`, else the row's `prompt_column` value or `question`.
+    """
 
     model: str
     prompt_format: str
@@ -199,6 +203,10 @@ class StageConfig:
     limits: ImageLimits = field(default_factory=ImageLimits)
     fetch_timeout_s: float = 10.0
     fetch_threads: int = 16
+    multi_image: bool = False
+    status_column: str | None = None
+    questions: tuple[str, ...] = ()
+    questions_column: str | None = None
 
 
 @functools.lru_cache(maxsize=4)
@@ -226,8 +234,8 @@ def _fetch_all(rows: list[list], cfg: StageConfig) -> list[list]:
     return [[next(fetched) for _ in sources] for sources in rows]
 
 
-def _prepare_row(sources: list, data: list, question: str, spec: AnyresSpec, formatter: Formatter, cfg: StageConfig):
-    """One row's tiles, sizes and prompt; raises a stage-prefixed ValueError on the first problem."""
+def _prepare_images(data: list, spec: AnyresSpec, cfg: StageConfig) -> list[PreparedImage]:
+    """One row's images decoded and tiled; raises a stage-prefixed ValueError on the first problem."""
     for item in data:
         if isinstance(item, FetchError):
             raise ValueError(f"fetch: {item}")
@@ -238,56 +246,81 @@ def _prepare_row(sources: list, data: list, question: str, spec: AnyresSpec, for
         except ImageError as exc:
             where = f" (image {k + 1} of {len(data)})" if len(data) > 1 else ""
             raise ValueError(f"decode: {exc}{where}") from None
+    return prepared
+
+
+def _row_questions(batch: pa.Table, cfg: StageConfig) -> list[list[str | None]]:
+    """The questions each row asks (see StageConfig)."""
+    if cfg.questions:
+        return [list(cfg.questions)] * batch.num_rows
+    if cfg.questions_column:
+        return [list(v) if v else [None] for v in batch.column(cfg.questions_column).to_pylist()]
+    asked = batch.column(cfg.prompt_column).to_pylist() if cfg.prompt_column else [None] * batch.num_rows
+    return [[q if q is not None else cfg.question] for q in asked]
+
+
+def _format(formatter: Formatter, question: str | None, images: int) -> tuple[str | None, str | None]:
+    """(formatted prompt, None) or (None, a `prompt:` error) for one question."""
+    if question is None:
+        return None, "prompt: the row has no questions"
     try:
-        prompt = formatter.question(question, len(sources))
+        return formatter.question(question, images), None
     except PromptError as exc:
-        raise ValueError(f"prompt: {exc}") from None
-    return prepared, prompt
+        return None, f"prompt: {exc}"
 
 
 def prepare_batch(batch: pa.Table, cfg: StageConfig) -> pa.Table:
     """CPU stage: manifest rows -> formatted prompts and uint8 tiles, one output row per input row.
 
     Reads the manifest columns and writes `schemas.PREPARED_COLUMNS` (plus the id and kept
-    columns unchanged); a row that fails keeps an `error` and no tiles.
+    columns unchanged): each image of a row is fetched, decoded and tiled once, whatever the
+    number of questions asked of it. A row that fails keeps an `error` and no tiles.
     """
     from ray.data.extensions import ArrowVariableShapedTensorArray
 
     spec, formatter = checkpoint_resources(cfg.model, cfg.prompt_format)
     images = batch.column(cfg.image_column).to_pylist()
-    questions = batch.column(cfg.prompt_column).to_pylist() if cfg.prompt_column else [None] * len(images)
+    asked = _row_questions(batch, cfg)
+    statuses = batch.column(cfg.status_column).to_pylist() if cfg.status_column else [None] * len(images)
     sources, errors = [], [None] * len(images)
     for i, value in enumerate(images):
         try:
-            sources.append(image_sources(value, cfg.image_column))
+            if statuses[i] not in (None, "success"):
+                raise FetchError(f"the download failed ({cfg.status_column}: {statuses[i]})")
+            sources.append(image_sources(value, cfg.multi_image))
         except FetchError as exc:
             sources.append([])
             errors[i] = f"fetch: {exc}"
     fetched = _fetch_all(sources, cfg)
     empty = np.zeros((0, 3, spec.crop, spec.crop), dtype=np.uint8)
-    tiles, counts, sizes, digests, prompts_out = [], [], [], [], []
+    tiles, counts, sizes, digests, prompts, prompt_errors = [], [], [], [], [], []
     for i in range(len(images)):
-        row_tiles, row_counts, row_sizes, row_digests, prompt = empty, [], [], [], None
+        row_tiles, row_counts, row_sizes, row_digests = empty, [], [], []
+        formatted = [(None, None)] * len(asked[i])
         if errors[i] is None:
-            question = questions[i] if questions[i] is not None else cfg.question
             try:
-                prepared, prompt = _prepare_row(sources[i], fetched[i], question, spec, formatter, cfg)
+                prepared = _prepare_images(fetched[i], spec, cfg)
                 row_tiles = np.concatenate([p.tiles for p in prepared])
                 row_counts = [p.tiles.shape[0] for p in prepared]
                 row_sizes = [v for p in prepared for v in p.size]
                 row_digests = [p.digest for p in prepared]
+                formatted = [_format(formatter, q, len(sources[i])) for q in asked[i]]
             except ValueError as exc:
                 errors[i] = str(exc)
             except Exception as exc:  # whatever else a strange file triggers costs its row only
                 errors[i] = f"preprocess: {type(exc).__name__}: {exc}"
-        tiles.append(row_tiles)
-        counts.append(row_counts)
-        sizes.append(row_sizes)
-        digests.append(row_digests)
-        prompts_out.append(prompt if prompt is not None else (questions[i] or cfg.question))
+        tiles.append(row_tiles if errors[i] is None else empty)
+        counts.append(row_counts if errors[i] is None else [])
+        sizes.append(row_sizes if errors[i] is None else [])
+        digests.append(row_digests if errors[i] is None else [])
+        # A failed row's prompt is the raw question, so the output still says what was asked.
+        prompts.append([p if p is not None else q for (p, _), q in zip(formatted, asked[i])])
+        prompt_errors.append([e for _, e in formatted])
     columns = {name: batch.column(name) for name in dict.fromkeys((cfg.id_column, *cfg.keep))}
     columns.update(
-        prompt=pa.array(prompts_out, pa.string()),
+        prompts=pa.array(prompts, pa.list_(pa.string())),
+        questions=pa.array(asked, pa.list_(pa.string())),
+        prompt_errors=pa.array(prompt_errors, pa.list_(pa.string())),
         error=pa.array(errors, pa.string()),
         tiles=ArrowVariableShapedTensorArray.from_numpy(tiles),  # one type for every batch
         tile_counts=pa.array(counts, pa.list_(pa.int32())),

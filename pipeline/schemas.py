@@ -13,11 +13,16 @@ import pyarrow as pa
 
 from pipeline.config import SamplingParams
 
-# Manifest (read): the id column (any name, --id-column), `image` or `images`, optional `prompt`,
-# and any columns named in --keep-columns.
-# CPU stage (preprocess.prepare_batch) adds these; image sizes are flattened (h1, w1, h2, w2, ...),
-# and each image's digest names its tiles and size (the engine's image cache key).
-PREPARED_COLUMNS = ("prompt", "error", "tiles", "tile_counts", "image_sizes", "image_digests")
+# Input (read, pipeline/inputs.py): the id column (any name, --id-column), the image column
+# (`image`/`images` or --image-column), optional `prompt`, questions and status columns, and any
+# columns named in --keep-columns.
+# CPU stage (preprocess.prepare_batch) adds these, one row per input row: the questions the row
+# asks and their formatted prompts (and per-question prompt errors), the row's error, its images'
+# tiles; image sizes are flattened (h1, w1, h2, w2, ...), and each image's digest names its tiles
+# and size (the engine's image cache key).
+PREPARED_COLUMNS = (
+    "prompts", "questions", "prompt_errors", "error", "tiles", "tile_counts", "image_sizes", "image_digests",
+)
 
 # Generation stage (predictor) writes the output contract: the id, these, then the kept columns.
 OUTPUT_FIELDS = [
@@ -32,6 +37,8 @@ OUTPUT_FIELDS = [
     pa.field("generation_ms", pa.float64()),
 ]
 OUTPUT_COLUMNS = tuple(f.name for f in OUTPUT_FIELDS)
+# With several questions per image, each output row also says which question it answers.
+QUESTION_FIELDS = [pa.field("question_index", pa.int32()), pa.field("question", pa.string())]
 
 
 @dataclass

@@ -46,11 +46,13 @@ def prepare_output(uri: str, overwrite: bool, continuing: bool = False) -> None:
 
 @dataclass
 class OutputState:
-    """What a previous run left: answered ids, failed ids, and files set aside as unreadable."""
+    """What a previous run left: answered ids (and, with several questions per image, answered
+    (id, question_index) pairs), failed ids, and files set aside as unreadable."""
 
     done_ids: list = field(default_factory=list)
     error_ids: list = field(default_factory=list)
     set_aside: list[str] = field(default_factory=list)
+    done_pairs: list = field(default_factory=list)
 
 
 def _data_files(fs, path: str) -> list[str]:
@@ -83,7 +85,11 @@ def reconcile_output(uri: str) -> OutputState:
             log.warning("set aside unreadable output file %s (%s)", name, exc)
             continue
         failed = pc.is_valid(table.column("error"))
-        state.done_ids.extend(table.filter(pc.invert(failed)).column("id").to_pylist())
+        answered = table.filter(pc.invert(failed))
+        state.done_ids.extend(answered.column("id").to_pylist())
+        if "question_index" in table.column_names:
+            state.done_pairs.extend(zip(answered.column("id").to_pylist(),
+                                        answered.column("question_index").to_pylist()))
         if pc.any(failed).as_py():
             state.error_ids.extend(table.filter(failed).column("id").to_pylist())
             kept = table.filter(pc.invert(failed))
@@ -113,14 +119,14 @@ def read_rows(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
-def summarize(uri: str, rows_in: int, wall_s: float, previous: OutputState | None = None) -> dict[str, Any]:
+def summarize(uri: str, rows_in: int | None, wall_s: float, previous: OutputState | None = None) -> dict[str, Any]:
     """Count what the output really holds: rows, answers, errors by stage, tokens.
 
     `previous` is what an earlier run had left, so a resumed run reports what it skipped and
     retried; tokens count the whole output.
     """
     previous = previous or OutputState()
-    table = read_rows(uri, ["id", "error", "num_input_tokens", "num_output_tokens"])
+    table = read_rows(uri)
     errors = [e for e in table.column("error").to_pylist() if e is not None]
     by_stage: dict[str, int] = {}
     for e in errors:
@@ -134,6 +140,8 @@ def summarize(uri: str, rows_in: int, wall_s: float, previous: OutputState | Non
         "retried": len(previous.error_ids),
         "done": table.num_rows - len(previous.done_ids),
         "unique_ids_out": len(set(ids)),
+        **({"unique_pairs_out": len(set(zip(ids, table.column("question_index").to_pylist())))}
+           if "question_index" in table.column_names else {}),
         "ok": table.num_rows - len(errors),
         "errors": len(errors),
         "errors_by_stage": dict(sorted(by_stage.items())),

@@ -142,9 +142,12 @@ def run(quick: bool) -> SuiteResult:
             args = {"model": model, "max_new_tokens": max_tokens, "gpus_per_replica": 0, "dtype": "float32",
                     "page_size": 16, "max_ongoing_requests": 2 * max(LEVELS), "max_queued_requests": 4 * max(LEVELS)}
             serve.run(build_app(args), name="bench", route_prefix="/")
+            serve.run(build_app({**args, "prepare_workers": 0}), name="threads", route_prefix="/threads")
             base = f"http://127.0.0.1:{port}"
             load(base, bodies, 4, 1)  # warm-up: the replica's pool, the image cache, the loop
+            load(f"{base}/threads", bodies, 4, 1)
             levels = {c: load(base, bodies, c, per_client * (1 if c == 1 else 2)) for c in LEVELS}
+            threads_16 = load(f"{base}/threads", bodies, 16, per_client * 2)
         finally:
             serve.shutdown()
         torch.set_num_threads(1)  # as in a replica holding one CPU
@@ -159,11 +162,15 @@ def run(quick: bool) -> SuiteResult:
         "ratio_ttft_p50_16_over_1_client": levels[16]["ttft_p50_ms"] / levels[1]["ttft_p50_ms"],
         "speedup_rps_16_over_1_client": levels[16]["rps"] / levels[1]["rps"],
         "ratio_endpoint_p50_over_direct": levels[1]["p50_ms"] / one["p50_ms"],
+        "speedup_rps_process_pool_over_threads_at_16": levels[16]["rps"] / threads_16["rps"],
     }
     rows = [["endpoint (stream)", c, lvl["requests"], lvl["rps"], lvl["ttft_p50_ms"], lvl["ttft_p99_ms"], lvl["p50_ms"],
              lvl["p99_ms"], lvl["tokens_per_s_per_client"]] for c, lvl in levels.items()]
     rows += [["direct engine call", d["in_flight"], d["requests"], d["rps"], "-", "-", d["p50_ms"], d["p99_ms"], "-"]
              for d in (one, sixteen)]
+    rows.append(["endpoint, preparation in threads", 16, threads_16["requests"], threads_16["rps"],
+                 threads_16["ttft_p50_ms"], threads_16["ttft_p99_ms"], threads_16["p50_ms"], threads_16["p99_ms"],
+                 threads_16["tokens_per_s_per_client"]])
     return SuiteResult(
         suite="serve",
         title="Online endpoint: streamed requests by concurrent clients vs the engine called directly (tiny checkpoint, CPU)",
@@ -176,7 +183,7 @@ def run(quick: bool) -> SuiteResult:
             Target("endpoint overhead over a direct engine call, p50 ms", overhead_ms, 15.0, False),
             Target("TTFT p50 at 16 clients / 1 client", ratios["ratio_ttft_p50_16_over_1_client"], 3.0, False),
         ],
-        raw={"levels": levels, "direct_1": one, "direct_16": sixteen, "overhead_p50_ms": overhead_ms,
+        raw={"levels": levels, "threads_16": threads_16, "direct_1": one, "direct_16": sixteen, "overhead_p50_ms": overhead_ms,
              "max_tokens": max_tokens, "image_size": IMAGE_SIZE, "distinct_images": DISTINCT_IMAGES},
         notes=[
             f"Each request: one of {DISTINCT_IMAGES} {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEGs as a data URL, {max_tokens} "

@@ -198,3 +198,10 @@ def test_the_scheduler_in_use_is_reported(tiny_model, scheduler):
         assert ("running" in engine.stats()) == (scheduler == "continuous")
     finally:
         engine.close()
+
+
+def test_the_static_path_of_a_continuous_engine_still_equals_the_loop(engine):
+    """The loop's attention on CPU is registered under its own name; padded `generate` batches on
+    the same model must still get their masks."""
+    rows = [_request(engine, imgs, q, SamplingParams(max_new_tokens=n)) for imgs, q, n in _zoo()[:6]]
+    assert [r.token_ids for r in engine.generate_static(rows)] == [r.token_ids for r in engine.generate(rows)]

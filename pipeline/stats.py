@@ -1,0 +1,40 @@
+"""The job's own counters, kept by a small Ray actor on the driver's node while the plan runs.
+
+Generation actors report their engines' running totals (prefill tokens, image encodings) and the
+input stage counts the rows it lists, for inputs whose size is not known before the run.
+"""
+
+from __future__ import annotations
+
+import ray
+
+ENGINE_TOTALS = ("requests", "prefill_tokens_submitted", "prefill_tokens_computed", "prefill_tokens_matched",
+                 "generated_tokens", "image_encodings_requested", "image_encodings_run", "loop_restarts")
+
+
+@ray.remote(num_cpus=0)
+class JobStats:
+    """Counters of one job: each generation actor reports its engine's running totals, and the
+    input stage counts the rows it lists (for inputs whose size is not known up front)."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, dict[str, int]] = {}
+        self._rows_listed = 0
+
+    def report(self, actor: str, stats: dict[str, int]) -> None:
+        self._latest[actor] = stats
+
+    def listed(self, rows: int) -> None:
+        self._rows_listed += rows
+
+    def rows_listed(self) -> int:
+        return self._rows_listed
+
+    def totals(self) -> dict[str, int]:
+        return {k: sum(s.get(k, 0) for s in self._latest.values()) for k in ENGINE_TOTALS}
+
+
+def count_listed(stats_actor: str | None, rows: int) -> None:
+    """Tell the job's counters that the input stage listed `rows` more rows."""
+    if stats_actor:
+        ray.get_actor(stats_actor).listed.remote(rows)
