@@ -105,13 +105,14 @@ def image_bytes(url: str, policy: ImagePolicy, max_bytes: int) -> bytes | Refusa
     return Refusal(400, f"unsupported image URL scheme {scheme!r}; use data:, s3:// or http(s)://", "invalid_image")
 
 
-def prepare_image(url: str, policy: ImagePolicy, spec: AnyresSpec, limits: ImageLimits) -> PreparedImage | Refusal:
+def prepare_image(url: str, policy: ImagePolicy, spec: AnyresSpec, limits: ImageLimits,
+                  fast: bool = False) -> PreparedImage | Refusal:
     """Fetch, decode and tile one request image: the engine's input, or a refusal."""
     data = image_bytes(url, policy, limits.max_bytes)
     if isinstance(data, Refusal):
         return data
     try:
-        return prepare(data, spec, limits)
+        return prepare(data, spec, limits, fast)
     except ImageTooLarge as exc:
         return Refusal(413, str(exc), "image_too_large")
     except ImageError as exc:

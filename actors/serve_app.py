@@ -311,6 +311,7 @@ class LlavaNextServer:
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(
             self._pool, prepare_image, url, self.policy, self.engine.spec, self.options.limits,
+            self.options.fast_decode,
         )
         if isinstance(prepared, Refusal):
             raise api.ApiError(prepared.status, prepared.message, code=prepared.code)

@@ -68,6 +68,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds before an image fetch fails")
     r.add_argument("--max-image-bytes", type=int, default=ImageLimits.max_bytes, help="larger images are row errors")
     r.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels, help="larger images are row errors")
+    r.add_argument("--fast-decode", action="store_true",
+                   help="decode big JPEGs at a reduced scale that still covers the tiles (faster; not bit-exact)")
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local or RAY_ADDRESS)")
     return p
 
@@ -98,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
         cpu_workers=args.cpu_workers,
         fetch_timeout_s=args.fetch_timeout,
         limits=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels),
+        fast_decode=args.fast_decode,
     )
 
 
@@ -130,7 +133,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     from pipeline.build import build_plan
     from pipeline.inputs import open_input
     from pipeline.read import arrow_filesystem, filesystem
-    from pipeline.stats import JobStats
+    from pipeline.stats import JobStats, stage_times
     from pipeline.write import (
         CONFIG_FILE,
         SUMMARY_FILE,
@@ -166,6 +169,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         rows_in = min(rows_in, cfg.limit)
     summary = summarize(cfg.output, rows_in, time.perf_counter() - start, previous)
     summary["input_format"] = spec.kind
+    summary["stages"] = stage_times(ds)
     if cfg.questions:
         summary["questions_per_row"] = len(cfg.questions)
     summary["engine"] = ray.get(stats.totals.remote()) if cfg.engine.scheduler == "continuous" else {}

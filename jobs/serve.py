@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--allow-image-host", dest="allow_image_hosts", action="append", default=[],
                    help="a host clients may reach even though it is private or loopback (repeatable)")
     i.add_argument("--fetch-timeout", dest="fetch_timeout_s", type=float, default=d.fetch_timeout_s)
+    i.add_argument("--fast-decode", action="store_true",
+                   help="decode big JPEGs at a reduced scale that still covers the tiles (faster; not bit-exact)")
     i.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
     i.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
     i.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)

@@ -59,6 +59,7 @@ def stage_config(cfg: AnnotateConfig, spec: InputSpec) -> StageConfig:
         status_column=spec.status_column,
         questions=cfg.questions,
         questions_column=columns.questions,
+        fast_decode=cfg.fast_decode,
     )
 
 

@@ -163,6 +163,7 @@ class AnnotateConfig:
     fetch_timeout_s: float = 10.0
     fetch_threads: int = 16
     limits: ImageLimits = field(default_factory=ImageLimits)
+    fast_decode: bool = False
 
     def __post_init__(self) -> None:
         if not self.input or not self.output:
@@ -343,7 +344,8 @@ class ServeOptions:
     the batches of the static scheduler. Images: `data:` URLs always; `s3://` only under
     `allow_s3_prefixes`; `http(s)://` only with `allow_remote_images`, and then never to loopback,
     private, link-local or multicast addresses unless the host is in `allow_image_hosts`.
-    `prepare_workers` processes fetch, decode and tile images beside the model's process.
+    `prepare_workers` processes fetch, decode and tile images beside the model's process;
+    `fast_decode` decodes big JPEGs at a reduced scale (not bit-exact).
     """
 
     engine: EngineConfig
@@ -360,6 +362,7 @@ class ServeOptions:
     allow_s3_prefixes: tuple[str, ...] = ()
     allow_image_hosts: tuple[str, ...] = ()
     fetch_timeout_s: float = 10.0
+    fast_decode: bool = False
     max_image_bytes: int = ImageLimits().max_bytes
     max_image_pixels: int = ImageLimits().max_pixels
     max_body_bytes: int = 128 * 1024 * 1024

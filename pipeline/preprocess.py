@@ -93,12 +93,48 @@ def _is_plain_rgb(image: Image.Image) -> bool:
     )
 
 
+EXIF_ORIENTATION = 0x0112
+SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the image a quarter
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of the image once its EXIF orientation is applied, from the header alone."""
+    width, height = image.size
+    if image.getexif().get(EXIF_ORIENTATION, 1) in SWAPPED_ORIENTATIONS:
+        width, height = height, width
+    return height, width
+
+
+def _draft(image: Image.Image, size: tuple[int, int], spec: AnyresSpec) -> None:
+    """Let a JPEG decode at the smallest DCT scale (1/2, 1/4, 1/8) that still covers every size the
+    tiling resizes to (the grid resolution the anyres maths pick for the original size, and the
+    base tile), so fewer pixels are decoded only to be thrown away by the resize."""
+    height, width = size
+    target = anyres.best_resolution((height, width), [list(p) for p in spec.pinpoints])
+    need_h, need_w = anyres.fit_within((height, width), target)
+    need_h, need_w = max(need_h, spec.base_size), max(need_w, spec.base_size)
+    if image.getexif().get(EXIF_ORIENTATION, 1) in SWAPPED_ORIENTATIONS:
+        need_h, need_w = need_w, need_h
+    image.draft(image.mode, (need_w, need_h))
+
+
 def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Bytes to an RGB PIL image, upright, within the limits.
 
     The size is checked from the header before any pixel is decoded, so a decompression bomb
     costs microseconds. Animated images give their first frame. Transparency is composited on
     white and other modes converted by transformers' own `convert_to_rgb`.
+    """
+    return decode_sized(data, limits)[0]
+
+
+def decode_sized(data: bytes, limits: ImageLimits = ImageLimits(), draft_for: AnyresSpec | None = None
+                 ) -> tuple[Image.Image, tuple[int, int]]:
+    """`decode`, and the image's original upright (height, width).
+
+    With `draft_for`, a JPEG larger than that spec's tiling needs is decoded at a reduced scale
+    (see `_draft`); the size returned is still the original's, which the tiling and the prompt's
+    token count use.
     """
     if data is None or len(data) == 0:
         raise ImageError("empty image")
@@ -113,10 +149,13 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
                 raise ImageTooLarge(
                     f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels}"
                 )
+            size = _upright_size(image)
+            if draft_for is not None and image.format == "JPEG":
+                _draft(image, size, draft_for)
             image.seek(0)
             image.load()
             if _is_plain_rgb(image):
-                return image  # the common photo: nothing to convert, so skip two full-image copies
+                return image, size  # the common photo: nothing to convert, so skip two full-image copies
             image = ImageOps.exif_transpose(image)
             rgb = convert_to_rgb(image, return_numpy=True)
     except ImageError:
@@ -125,7 +164,7 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
         raise ImageError("cannot identify image file (not an image, or a format PIL cannot read)") from None
     except Exception as exc:  # PIL raises many types for bad files; all mean the same to a row
         raise ImageError(f"{type(exc).__name__}: {exc}") from None
-    return Image.fromarray(rgb)
+    return Image.fromarray(rgb), size
 
 
 def _to_tile(image: Image.Image, spec: AnyresSpec) -> np.ndarray:
@@ -139,25 +178,41 @@ def _to_tile(image: Image.Image, spec: AnyresSpec) -> np.ndarray:
     return arr.transpose(2, 0, 1)
 
 
-def tiles(image: Image.Image, spec: AnyresSpec) -> np.ndarray:
+def tiles(image: Image.Image, spec: AnyresSpec, size: tuple[int, int] | None = None) -> np.ndarray:
     """Anyres tiles of an RGB image as uint8 `(num_tiles, 3, crop, crop)`: base image, then the grid.
 
     The image is fitted into the best grid resolution with its aspect kept, centred on black,
-    and cut row by row, exactly as the transformers processor does.
+    and cut row by row, exactly as the transformers processor does. `size` (height, width) is
+    the size the anyres maths use, when the image was decoded smaller than its original.
+
+    Every tile is written once, straight from the resized image into the one output array (the
+    black margins are the array's zeros), so beyond the two resizes the work is one copy of each
+    resized image into numpy and one into its tiles.
     """
-    width, height = image.size
+    height, width = size or (image.height, image.width)
     target_h, target_w = anyres.best_resolution((height, width), [list(p) for p in spec.pinpoints])
     new_h, new_w = anyres.fit_within((height, width), (target_h, target_w))
-    resized = np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC))
-    canvas = np.zeros((target_h, target_w, 3), dtype=np.uint8)
-    top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
-    canvas[top : top + new_h, left : left + new_w] = resized
     rows, cols, c = target_h // spec.crop, target_w // spec.crop, spec.crop
-    grid = canvas.reshape(rows, c, cols, c, 3).transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, c, c)
-    if spec.base_size != spec.crop:
-        grid = np.stack([_to_tile(Image.fromarray(t.transpose(1, 2, 0)), spec) for t in grid])
-    base = image.resize((spec.base_size, spec.base_size), Image.Resampling.BICUBIC)
-    return np.concatenate([_to_tile(base, spec)[None], grid])
+    out = np.zeros((1 + rows * cols, 3, c, c), dtype=np.uint8)
+    resized = np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC))
+    top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
+    if spec.base_size == spec.crop:
+        grid = out[1:].reshape(rows, cols, 3, c, c)
+        for r in range(rows):
+            y0, y1 = max(r * c, top), min((r + 1) * c, top + new_h)
+            for q in range(cols):
+                x0, x1 = max(q * c, left), min((q + 1) * c, left + new_w)
+                if y0 < y1 and x0 < x1:
+                    grid[r, q, :, y0 - r * c : y1 - r * c, x0 - q * c : x1 - q * c] = (
+                        resized[y0 - top : y1 - top, x0 - left : x1 - left].transpose(2, 0, 1)
+                    )
+    else:  # checkpoints whose tiles are resized again and centre-cropped
+        canvas = np.zeros((target_h, target_w, 3), dtype=np.uint8)
+        canvas[top : top + new_h, left : left + new_w] = resized
+        cells = canvas.reshape(rows, c, cols, c, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, c, c, 3)
+        out[1:] = np.stack([_to_tile(Image.fromarray(np.ascontiguousarray(t)), spec) for t in cells])
+    out[0] = _to_tile(image.resize((spec.base_size, spec.base_size), Image.Resampling.BICUBIC), spec)
+    return out
 
 
 def image_digest(tiles: np.ndarray, size: tuple[int, int]) -> str:
@@ -177,11 +232,14 @@ class PreparedImage:
     digest: str
 
 
-def prepare(data: bytes, spec: AnyresSpec, limits: ImageLimits = ImageLimits()) -> PreparedImage:
-    """Decode and tile one image; raises `ImageError` for anything unusable."""
-    image = decode(data, limits)
-    image_tiles = tiles(image, spec)
-    size = (image.height, image.width)
+def prepare(data: bytes, spec: AnyresSpec, limits: ImageLimits = ImageLimits(), fast: bool = False) -> PreparedImage:
+    """Decode and tile one image; raises `ImageError` for anything unusable.
+
+    `fast` decodes big JPEGs at a reduced scale (not bit-exact; see `decode`); the size and the
+    token count stay the original's.
+    """
+    image, size = decode_sized(data, limits, spec if fast else None)
+    image_tiles = tiles(image, spec, size)
     return PreparedImage(tiles=image_tiles, size=size, digest=image_digest(image_tiles, size))
 
 
@@ -207,6 +265,7 @@ class StageConfig:
     status_column: str | None = None
     questions: tuple[str, ...] = ()
     questions_column: str | None = None
+    fast_decode: bool = False
 
 
 @functools.lru_cache(maxsize=4)
@@ -242,7 +301,7 @@ def _prepare_images(data: list, spec: AnyresSpec, cfg: StageConfig) -> list[Prep
     prepared = []
     for k, item in enumerate(data):
         try:
-            prepared.append(prepare(item, spec, cfg.limits))
+            prepared.append(prepare(item, spec, cfg.limits, cfg.fast_decode))
         except ImageError as exc:
             where = f" (image {k + 1} of {len(data)})" if len(data) > 1 else ""
             raise ValueError(f"decode: {exc}{where}") from None

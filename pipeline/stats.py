@@ -38,3 +38,26 @@ def count_listed(stats_actor: str | None, rows: int) -> None:
     """Tell the job's counters that the input stage listed `rows` more rows."""
     if stats_actor:
         ray.get_actor(stats_actor).listed.remote(rows)
+
+
+def stage_times(ds) -> dict[str, dict[str, float]]:
+    """Seconds each stage of an executed plan spent, from Ray Data's own stats: wall time summed
+    over its tasks, and CPU time (a stage's tasks overlap, so its sum can exceed the job's)."""
+    out: dict[str, dict[str, float]] = {}
+
+    def walk(summary) -> None:
+        for parent in summary.parents:
+            walk(parent)
+        for op in summary.operators_stats:
+            entry = out.setdefault(op.operator_name, {"wall_s": 0.0, "cpu_s": 0.0, "tasks": 0})
+            if op.wall_time is not None:
+                entry["wall_s"] += float(op.wall_time.sum)
+                entry["tasks"] += int(op.wall_time.count)
+            if op.cpu_time is not None:
+                entry["cpu_s"] += float(op.cpu_time.sum)
+
+    try:
+        walk(ds.get_stats_summary())
+    except Exception:  # stats are a report, never a reason to fail a finished job
+        return {}
+    return {name: {k: round(v, 3) for k, v in entry.items()} for name, entry in out.items()}

@@ -106,3 +106,56 @@ def test_decompression_bomb_is_refused_before_decoding():
 def test_byte_limit():
     with pytest.raises(ImageError, match="bytes, over the limit of 100"):
         decode(encode(noise_image(30, 30)), ImageLimits(max_bytes=100))
+
+
+# ---- --fast-decode: big JPEGs decoded at a reduced DCT scale ------------------------------------
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def _jpeg_zoo() -> dict[str, bytes]:
+    """Real JPEG variants of one photo-like picture, all larger than any 7B grid resolution."""
+    from jobs.bench.images import photo_like
+
+    photo = photo_like(2400, 1800, seed=31)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return {
+        "baseline 4:2:0": encode(photo, "JPEG", quality=90, subsampling=2),
+        "4:4:4": encode(photo, "JPEG", quality=95, subsampling=0),
+        "progressive": encode(photo, "JPEG", quality=90, progressive=True),
+        "grayscale": encode(photo.convert("L"), "JPEG", quality=90),
+        "cmyk": encode(photo.convert("CMYK"), "JPEG", quality=90),
+        "exif-rotated": encode(photo, "JPEG", quality=90, exif=exif),
+        "tall": encode(photo.transpose(Image.Transpose.ROTATE_90).resize((1000, 3600)), "JPEG", quality=90),
+    }
+
+
+@pytest.fixture(scope="module")
+def spec_7b():
+    from jobs.bench.preprocess import spec_7b
+
+    return spec_7b()
+
+
+@pytest.mark.parametrize("name", list(_jpeg_zoo()))
+def test_fast_decode_keeps_the_geometry_and_the_pixels_close(name, spec_7b):
+    data = _jpeg_zoo()[name]
+    exact, fast = prepare(data, spec_7b), prepare(data, spec_7b, fast=True)
+    assert fast.size == exact.size and fast.tiles.shape == exact.tiles.shape
+    assert _psnr(fast.tiles, exact.tiles) >= 45.0, name
+
+
+def test_fast_decode_really_decodes_less_and_leaves_other_formats_exact(spec_7b):
+    from pipeline.preprocess import decode_sized
+
+    data = _jpeg_zoo()["baseline 4:2:0"]
+    image, size = decode_sized(data, ImageLimits(), spec_7b)
+    assert size == (1800, 2400) and image.size < (2400, 1800) and min(image.size) >= spec_7b.base_size
+    png = encode(noise_image(1500, 1000, seed=3))
+    assert np.array_equal(prepare(png, spec_7b, fast=True).tiles, prepare(png, spec_7b).tiles)
+    small = encode(noise_image(300, 200, seed=4), "JPEG")
+    assert np.array_equal(prepare(small, spec_7b, fast=True).tiles, prepare(small, spec_7b).tiles)
