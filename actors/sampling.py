@@ -41,14 +41,20 @@ def noise_key(seed: int, position: int) -> int:
     return (x & 0x7FFFFFFF) or 1
 
 
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 values (torch shifts arithmetically, copying the sign bit)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
 def gumbel(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Gumbel noise `(rows, vocab)` from one int32 key per row, identical on every device."""
+    """Gumbel noise `(rows, vocab)` from one int32 key per row (splitmix64 of key and token index),
+    identical on every device."""
     k = keys.to(torch.int64).unsqueeze(-1)
     z = k * _GOLDEN + torch.arange(vocab, device=keys.device, dtype=torch.int64).unsqueeze(0)
-    z = (z ^ (z >> 30)) * _MIX1
-    z = (z ^ (z >> 27)) * _MIX2
-    z = z ^ (z >> 31)
-    u = (((z >> 40) & 0xFFFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    u = (_shr(z, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
     return -torch.log(-torch.log(u))
 
 

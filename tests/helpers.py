@@ -77,3 +77,22 @@ def reference_chat(reference, messages: list[dict], images: list[Image.Image], m
     processor = reference[0]
     prompt = processor.apply_chat_template(openai_to_internal(messages), add_generation_prompt=True, tokenize=False)
     return reference_answer(reference, images, prompt, max_new_tokens)
+
+
+def complete_parquet_files(folder) -> list:
+    """Output files of a job whose footer is written (a file appears as soon as its writer opens it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    complete = []
+    if not folder.exists():
+        return complete
+    for path in sorted(folder.glob("*.parquet")):
+        if path.name.startswith(("_", ".")):
+            continue
+        try:
+            pq.read_metadata(path)
+            complete.append(path)
+        except (pa.ArrowInvalid, OSError):
+            pass
+    return complete

@@ -126,9 +126,12 @@ class Target:
     bound: float
     higher_is_better: bool
 
+    def __post_init__(self) -> None:
+        self.value = float(self.value)  # numpy scalars would reach the JSON report as strings
+
     @property
     def met(self) -> bool:
-        return self.value >= self.bound if self.higher_is_better else self.value <= self.bound
+        return bool(self.value >= self.bound if self.higher_is_better else self.value <= self.bound)
 
     def describe(self) -> str:
         op = ">=" if self.higher_is_better else "<="

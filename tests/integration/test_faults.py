@@ -21,7 +21,7 @@ from jobs import annotate
 from pipeline.config import AnnotateConfig, EngineConfig
 from pipeline.write import read_rows
 from tests.conftest import free_port
-from tests.helpers import animated_gif, encode, exif_rotated, noise_image, reference_answer
+from tests.helpers import animated_gif, complete_parquet_files, encode, exif_rotated, noise_image, reference_answer
 
 MAX_NEW = 6
 
@@ -205,9 +205,9 @@ def test_driver_killed_then_resumed(tiny_model, ray_local, tmp_path, reference):
     with open(tmp_path / "driver.log", "wb") as log:
         driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 240
-    while not _data_files(out):
+    while not complete_parquet_files(out):
         assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no output file appeared"
+        assert time.monotonic() < deadline, "no output file was completed"
         time.sleep(0.05)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()

@@ -22,7 +22,7 @@ from PIL import Image
 from jobs import annotate
 from pipeline.config import AnnotateConfig, ConfigError, EngineConfig
 from pipeline.write import OutputExistsError, read_rows
-from tests.helpers import encode, noise_image, reference_answer
+from tests.helpers import complete_parquet_files, encode, noise_image, reference_answer
 
 pytestmark = pytest.mark.integration
 
@@ -201,11 +201,10 @@ def test_a_killed_run_with_questions_resumes_to_every_pair_once(tiny_model, ray_
     with open(tmp_path / "driver.log", "wb") as log:
         driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 240
-    while not (out.exists() and any(out.glob("*.parquet"))):
+    while not complete_parquet_files(out):
         assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no output file appeared"
+        assert time.monotonic() < deadline, "no output file was completed"
         time.sleep(0.05)
-    time.sleep(0.5)  # let the file's footer land
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     first = read_rows(str(out)).num_rows
