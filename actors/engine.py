@@ -63,6 +63,42 @@ def load_kwargs(cfg: EngineConfig, device: torch.device) -> dict[str, Any]:
     return kwargs
 
 
+def expand_images(prompt: str, image_sizes: list, spec: AnyresSpec) -> tuple[str, int]:
+    """The prompt with each `<image>` repeated as many times as its image has tokens, and their total.
+
+    Raises PromptError when the placeholders and the images disagree in number.
+    """
+    pieces = prompt.split(prompts.IMAGE_TOKEN)
+    if len(pieces) - 1 != len(image_sizes):
+        raise prompts.PromptError(
+            f"the prompt has {len(pieces) - 1} {prompts.IMAGE_TOKEN} placeholders but the row has {len(image_sizes)} images"
+        )
+    counts = [spec.num_image_tokens(tuple(int(v) for v in s)) for s in image_sizes]
+    return pieces[0] + "".join(prompts.IMAGE_TOKEN * n + p for n, p in zip(counts, pieces[1:])), sum(counts)
+
+
+def normalise_tiles(tiles: list[np.ndarray], mean: torch.Tensor, std: torch.Tensor, device: torch.device,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """uint8 tiles of every image -> normalised `(images, max_tiles, 3, crop, crop)` on `device`.
+
+    Images with fewer tiles are zero-padded, as the processor does; the model drops the padding.
+    """
+    max_tiles = max(t.shape[0] for t in tiles)
+    crop = tiles[0].shape[-1]
+    out = torch.zeros((len(tiles), max_tiles, 3, crop, crop), dtype=torch.float32, device=device)
+    for i, t in enumerate(tiles):
+        host = np.array(t, copy=True, order="C")  # Arrow buffers are read-only; torch wants writable
+        x = torch.from_numpy(host).to(device, non_blocking=True).float()
+        out[i, : t.shape[0]] = (x * (1.0 / 255.0) - mean) / std
+    return out.to(dtype)
+
+
+def spec_tensors(spec: AnyresSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint's pixel mean and std, shaped to broadcast over `(tiles, 3, h, w)`."""
+    return (torch.tensor(spec.image_mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(spec.image_std, device=device).view(1, 3, 1, 1))
+
+
 class Engine:
     """Loads processor and model once; `generate` answers a list of requests, one result each."""
 
@@ -87,8 +123,7 @@ class Engine:
         self.formatter = prompts.Formatter.from_processor(
             self.processor, getattr(self.model.config.text_config, "model_type", None), cfg.prompt_format
         )
-        self._mean = torch.tensor(self.spec.image_mean, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(self.spec.image_std, device=self.device).view(1, 3, 1, 1)
+        self._mean, self._std = spec_tensors(self.spec, self.device)
         self.loop = None
         self.scheduler = cfg.scheduler
         if cfg.scheduler == "continuous":
@@ -140,34 +175,19 @@ class Engine:
 
         Raises ValueError when placeholders and images disagree or the prompt fills the context.
         """
-        pieces = request.prompt.split(prompts.IMAGE_TOKEN)
-        if len(pieces) - 1 != len(request.tiles) or len(request.tiles) != len(request.image_sizes):
-            raise prompts.PromptError(
-                f"the prompt has {len(pieces) - 1} {prompts.IMAGE_TOKEN} placeholders "
-                f"but the row has {len(request.tiles)} images"
-            )
-        counts = [self.spec.num_image_tokens(tuple(int(v) for v in s)) for s in request.image_sizes]
-        text = pieces[0] + "".join(prompts.IMAGE_TOKEN * n + p for n, p in zip(counts, pieces[1:]))
+        if len(request.tiles) != len(request.image_sizes):
+            raise prompts.PromptError(f"the row has {len(request.tiles)} tiled images but {len(request.image_sizes)} sizes")
+        text, image_tokens = expand_images(request.prompt, request.image_sizes, self.spec)
         ids = self.tokenizer(text)["input_ids"]
         if len(ids) >= self.context:
             raise ValueError(f"the prompt is {len(ids)} tokens, over the model's context of {self.context}")
-        return ids, sum(counts)
+        return ids, image_tokens
 
     # ---- images -----------------------------------------------------------------------------
 
     def pixel_batch(self, tiles: list[np.ndarray]) -> torch.Tensor:
-        """uint8 tiles of every image -> normalised `(images, max_tiles, 3, crop, crop)` on device.
-
-        Images with fewer tiles are zero-padded, as the processor does; the model drops the padding.
-        """
-        max_tiles = max(t.shape[0] for t in tiles)
-        crop = tiles[0].shape[-1]
-        out = torch.zeros((len(tiles), max_tiles, 3, crop, crop), dtype=torch.float32, device=self.device)
-        for i, t in enumerate(tiles):
-            host = np.array(t, copy=True, order="C")  # Arrow buffers are read-only; torch wants writable
-            x = torch.from_numpy(host).to(self.device, non_blocking=True).float()
-            out[i, : t.shape[0]] = (x * (1.0 / 255.0) - self._mean) / self._std
-        return out.to(self.dtype)
+        """uint8 tiles of every image -> normalised `(images, max_tiles, 3, crop, crop)` on device."""
+        return normalise_tiles(tiles, self._mean, self._std, self.device, self.dtype)
 
     def encode_images(self, tiles: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Packed features of each image (one row per image token, newlines included)."""
@@ -229,7 +249,7 @@ class Engine:
     ) -> None:
         """Run one group; on out-of-memory retry it in halves, down to single rows."""
         try:
-            self._generate_group(params, members, requests, results)
+            finished, elapsed_ms = self._generate_group(params, members, requests)
         except torch.OutOfMemoryError as exc:
             if len(members) == 1:
                 results[members[0][0]].error = f"generate: out of memory on a single row: {exc}"
@@ -244,14 +264,14 @@ class Engine:
             log.exception("generate failed on a batch of %d", len(members))
             for i, _ in members:
                 results[i].error = f"generate: {type(exc).__name__}: {exc}"
+        else:
+            for (i, _), tokens in zip(members, finished):
+                self._finish(results[i], tokens, params, elapsed_ms)
 
     def _generate_group(
-        self,
-        params: SamplingParams,
-        members: list[tuple[int, list[int]]],
-        requests: list[GenerationRequest],
-        results: list[GenerationResult],
-    ) -> None:
+        self, params: SamplingParams, members: list[tuple[int, list[int]]], requests: list[GenerationRequest],
+    ) -> tuple[list[list[int]], float]:
+        """One left-padded `generate` call: each member's new tokens, and the call's wall time."""
         width = max(len(ids) for _, ids in members)
         input_ids = torch.full((len(members), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(members), width), dtype=torch.long)
@@ -282,9 +302,7 @@ class Engine:
         with torch.inference_mode():
             out = self.model.generate(**inputs, **gen_kwargs)
         elapsed_ms = (time.perf_counter() - start) * 1000.0
-        new_tokens = out[:, width:].tolist()
-        for (i, _), tokens in zip(members, new_tokens):
-            self._finish(results[i], tokens, params, elapsed_ms)
+        return out[:, width:].tolist(), elapsed_ms
 
     def _finish(self, result: GenerationResult, tokens: list[int], params: SamplingParams, ms: float) -> None:
         """Cut a row's tokens at its end of sequence or stop string and fill in its result."""

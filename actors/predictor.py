@@ -17,7 +17,14 @@ import ray
 
 from actors.engine import Engine
 from pipeline.config import EngineConfig
-from pipeline.schemas import OUTPUT_FIELDS, GenerationRequest, GenerationResult
+from pipeline.schemas import (
+    OUTPUT_FIELDS,
+    PREPARED_FIELDS,
+    QUESTION_FIELDS,
+    TILES,
+    GenerationRequest,
+    GenerationResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +69,11 @@ class Predictor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = batch.column(self.id_column).to_pylist()
-        errors = batch.column("error").to_pylist()
-        prompts = batch.column("prompts").to_pylist()
-        questions = batch.column("questions").to_pylist()
-        prompt_errors = batch.column("prompt_errors").to_pylist()
-        tiles = _row_tiles(batch.column("tiles"))
-        counts = batch.column("tile_counts").to_pylist()
-        sizes = batch.column("image_sizes").to_pylist()
-        digests = batch.column("image_digests").to_pylist()
+        prepared = {f.name: batch.column(f.name).to_pylist() for f in PREPARED_FIELDS}
+        errors, prompts, questions = prepared["error"], prepared["prompts"], prepared["questions"]
+        prompt_errors, counts, sizes = prepared["prompt_errors"], prepared["tile_counts"], prepared["image_sizes"]
+        digests = prepared["image_digests"]
+        tiles = _row_tiles(batch.column(TILES))
         pairs = [(i, k) for i in range(batch.num_rows) for k in range(len(prompts[i]))
                  if (ids[i], k) not in self.done]
         results = {pair: GenerationResult(error=errors[pair[0]] or prompt_errors[pair[0]][pair[1]]) for pair in pairs}
@@ -102,7 +106,7 @@ class Predictor:
         columns = {"id": batch.column(self.id_column).take(take)}
         columns.update({f.name: pa.array(values[f.name], f.type) for f in OUTPUT_FIELDS})
         if self.questions_mode:
-            columns["question_index"] = pa.array([k for _, k in pairs], pa.int32())
-            columns["question"] = pa.array([questions[i][k] for i, k in pairs], pa.string())
+            asked = {"question_index": [k for _, k in pairs], "question": [questions[i][k] for i, k in pairs]}
+            columns.update({f.name: pa.array(asked[f.name], f.type) for f in QUESTION_FIELDS})
         columns.update({name: batch.column(name).take(take) for name in self.keep})
         return pa.table(columns)

@@ -8,6 +8,7 @@ The same command runs under `ray job submit -- python -m jobs.annotate ...` on a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +17,6 @@ import uuid
 from typing import Any
 
 from pipeline.config import (
-    DEFAULT_QUESTION,
     INPUT_FORMATS,
     AnnotateConfig,
     ConfigError,
@@ -32,16 +32,21 @@ from pipeline.config import (
 log = logging.getLogger("jobs.annotate")
 
 
+# Defaults come from the configuration dataclass, so a default changes in one place.
+D = {f.name: f.default for f in dataclasses.fields(AnnotateConfig) if f.default is not dataclasses.MISSING}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.annotate", description=__doc__.splitlines()[0])
     io = p.add_argument_group("data")
     io.add_argument("--input", required=True,
                     help="Parquet manifest, folder of images or WebDataset .tar shards: a file, directory/prefix or "
                          "glob; local or s3://")
-    io.add_argument("--input-format", default="auto", choices=INPUT_FORMATS,
+    io.add_argument("--input-format", default=D["input_format"], choices=INPUT_FORMATS,
                     help="what --input holds (default: auto, decided from the files and logged)")
     io.add_argument("--output", required=True, help="output directory or s3:// prefix for Parquet results")
-    io.add_argument("--id-column", default="id", help="manifest column holding unique row ids (default: id)")
+    io.add_argument("--id-column", default=D["id_column"],
+                    help=f"manifest column holding unique row ids (default: {D['id_column']})")
     io.add_argument("--image-column", help="manifest column holding the image(s) (default: image or images)")
     io.add_argument("--questions-file", help="ask every image each question of this file (one per line, or a JSON "
                                              "list): one output row per (id, question_index)")
@@ -55,17 +60,21 @@ def parser() -> argparse.ArgumentParser:
                     help="with --resume/--retry-errors: continue even though settings that change answers differ")
     m = p.add_argument_group("model")
     m.add_argument("--model", required=True, help="checkpoint directory (saved with save_pretrained)")
-    m.add_argument("--prompt", default=DEFAULT_QUESTION, help="question for rows whose prompt is null or missing")
+    m.add_argument("--prompt", default=D["prompt"], help="question for rows whose prompt is null or missing")
     add_engine_arguments(m)
     r = p.add_argument_group("resources")
-    r.add_argument("--batch-size", type=int, default=8,
-                   help="rows per call of the generation stage (static scheduler: per generate call; default: 8)")
-    r.add_argument("--preprocess-batch-size", type=int, default=16, help="rows per CPU preprocessing task")
-    r.add_argument("--rows-per-file", type=int, default=1000, help="rows per output Parquet file (default: 1000)")
+    r.add_argument("--batch-size", type=int, default=D["batch_size"],
+                   help=f"rows per call of the generation stage (static scheduler: per generate call; "
+                        f"default: {D['batch_size']})")
+    r.add_argument("--preprocess-batch-size", type=int, default=D["preprocess_batch_size"],
+                   help=f"rows per CPU preprocessing task (default: {D['preprocess_batch_size']})")
+    r.add_argument("--rows-per-file", type=int, default=D["rows_per_file"],
+                   help=f"rows per output Parquet file (default: {D['rows_per_file']})")
     r.add_argument("--actors", type=parse_actors, help="generation actors: N or MIN-MAX (default: one per GPU)")
     r.add_argument("--gpus-per-actor", type=float, help="GPUs per generation actor (default: 1 if the cluster has GPUs)")
     r.add_argument("--cpu-workers", type=int, help="max concurrent CPU preprocessing tasks (default: Ray decides)")
-    r.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds before an image fetch fails")
+    r.add_argument("--fetch-timeout", type=float, default=D["fetch_timeout_s"],
+                   help=f"seconds before an image fetch fails (default: {D['fetch_timeout_s']:g})")
     r.add_argument("--max-image-bytes", type=int, default=ImageLimits.max_bytes, help="larger images are row errors")
     r.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels, help="larger images are row errors")
     r.add_argument("--fast-decode", action="store_true",
@@ -107,15 +116,13 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
 def check_continuation(cfg: AnnotateConfig) -> None:
     """A resumed or retried run must answer the way the first one did: refuse, naming the keys,
     when the output's `_config.json` differs in anything that changes answers."""
-    from pipeline.read import filesystem
+    from pipeline.storage import exists, join, read_json
     from pipeline.write import CONFIG_FILE, OutputExistsError
 
-    fs, path = filesystem(cfg.output)
-    saved = f"{path.rstrip('/')}/{CONFIG_FILE}"
-    if not (cfg.resume or cfg.retry_errors) or cfg.force_config or not fs.exists(saved):
+    saved = join(cfg.output, CONFIG_FILE)
+    if not (cfg.resume or cfg.retry_errors) or cfg.force_config or not exists(saved):
         return
-    with fs.open(saved, "r") as f:
-        previous = json.load(f)
+    previous = read_json(saved)
     changed = answer_config_changes(previous, json.loads(json.dumps(to_dict(cfg), default=str)))
     if changed:
         raise OutputExistsError(
@@ -130,10 +137,10 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pipeline.build import build_plan
+    from jobs.plan import build_plan
     from pipeline.inputs import open_input
-    from pipeline.read import arrow_filesystem, filesystem
     from pipeline.stats import JobStats, stage_times
+    from pipeline.storage import arrow_filesystem, filesystem
     from pipeline.write import (
         CONFIG_FILE,
         SUMMARY_FILE,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import synthetic
+from jobs import synthetic
 from pipeline.config import AnnotateConfig, EngineConfig
 
 SHIPPED = Path(__file__).resolve().parent.parent / "actors" / "checkpoints" / "tiny-shapes"

@@ -19,8 +19,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline import synthetic
-from pipeline.read import arrow_filesystem, filesystem
+from jobs import synthetic
+from pipeline.storage import arrow_filesystem, filesystem
 from pipeline.write import read_rows
 
 TRUTH_COLUMNS = ("kind", "shape", "colour")

@@ -30,10 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from actors.engine import expand_images, normalise_tiles, spec_tensors
+from jobs import synthetic
 from jobs.make_tiny_model import TinyArch, build_untrained
-from pipeline import synthetic
 from pipeline.preprocess import AnyresSpec, prepare
-from pipeline.prompts import IMAGE_TOKEN, Formatter
+from pipeline.prompts import Formatter
 
 log = logging.getLogger("jobs.train_tiny")
 
@@ -111,21 +112,15 @@ class Example:
 
 
 def normalise(tiles: list[np.ndarray], spec: AnyresSpec) -> torch.Tensor:
-    """uint8 tiles -> float `(images, max_tiles, 3, crop, crop)`, zero-padded, normalised as the engine does."""
-    max_tiles = max(t.shape[0] for t in tiles)
-    crop = tiles[0].shape[-1]
-    mean = torch.tensor(spec.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.image_std).view(1, 3, 1, 1)
-    out = torch.zeros((len(tiles), max_tiles, 3, crop, crop), dtype=torch.float32)
-    for i, t in enumerate(tiles):
-        out[i, : t.shape[0]] = (torch.from_numpy(t).float() * (1.0 / 255.0) - mean) / std
-    return out
+    """uint8 tiles -> float `(images, max_tiles, 3, crop, crop)` on CPU, with the engine's own code."""
+    cpu = torch.device("cpu")
+    mean, std = spec_tensors(spec, cpu)
+    return normalise_tiles(tiles, mean, std, cpu, torch.float32)
 
 
 def prompt_ids(tokenizer, formatter: Formatter, spec: AnyresSpec, question: str, size: tuple[int, int]) -> list[int]:
-    """Token ids of a one-image question, `<image>` expanded to its token count as the engine does."""
-    before, after = formatter.question(question, 1).split(IMAGE_TOKEN)
-    return tokenizer(before + IMAGE_TOKEN * spec.num_image_tokens(size) + after)["input_ids"]
+    """Token ids of a one-image question, `<image>` expanded by the engine's own code."""
+    return tokenizer(expand_images(formatter.question(question, 1), [size], spec)[0])["input_ids"]
 
 
 def load_example(seed: int, spec: AnyresSpec) -> Example:

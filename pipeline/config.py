@@ -20,6 +20,9 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 SCHEDULERS = ("continuous", "static")
 
 
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot work; raised at start-up, before any row is read."""
 
@@ -59,7 +62,7 @@ class EngineConfig:
     device: str = "auto"
     attn_implementation: str = "sdpa"
     quantization: str = "none"
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -105,7 +108,7 @@ class EngineConfig:
 class SamplingParams:
     """Per-request decoding options; under the static scheduler rows with equal params share a batch."""
 
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None

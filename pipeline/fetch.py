@@ -2,8 +2,7 @@
 
 One fetcher, one set of limits and errors, for the batch job and the online endpoint alike; the
 endpoint adds its own policy of what a client may reach (`check`, see actors/image_policy.py).
-Stores go through fsspec (s3fs takes credentials and the endpoint from the standard AWS
-variables, `AWS_ENDPOINT_URL` included). HTTP goes through `http.client` with the connection
+Stores go through pipeline/storage.py. HTTP goes through `http.client` with the connection
 pinned to the address that was checked, and each redirect is checked again, so a policy on
 addresses cannot be dodged by a second DNS answer or a redirect.
 """
@@ -17,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-import fsspec
+from pipeline.storage import filesystem
 
 MAX_REDIRECTS = 5
 
@@ -54,7 +53,7 @@ def fetch(source: Any, timeout_s: float, max_bytes: int, check: AddressCheck | N
     if source.startswith(("http://", "https://")):
         return http_get(source, timeout_s, max_bytes, check)
     try:
-        fs, path = fsspec.core.url_to_fs(source)
+        fs, path = filesystem(source)
         with fs.open(path, "rb") as f:
             data = f.read(max_bytes + 1)
     except FileNotFoundError:

@@ -24,15 +24,8 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.stats import count_listed
-from pipeline.read import (
-    ManifestColumns,
-    ManifestError,
-    arrow_filesystem,
-    count_rows,
-    filesystem,
-    inspect_manifest,
-    read_manifest,
-)
+from pipeline.read import ManifestColumns, ManifestError, count_rows, inspect_manifest, read_manifest
+from pipeline.storage import arrow_filesystem, filesystem
 
 log = logging.getLogger(__name__)
 

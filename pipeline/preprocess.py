@@ -27,6 +27,7 @@ from pipeline.config import ImageLimits
 from pipeline.prompts import Formatter, PromptError
 from pipeline.fetch import FetchError, fetch
 from pipeline.read import image_sources
+from pipeline.schemas import PREPARED_FIELDS, TILES
 
 # Our own pixel limit is checked before decoding; PIL's bomb guard would only duplicate it.
 Image.MAX_IMAGE_PIXELS = None
@@ -375,15 +376,11 @@ def prepare_batch(batch: pa.Table, cfg: StageConfig) -> pa.Table:
         # A failed row's prompt is the raw question, so the output still says what was asked.
         prompts.append([p if p is not None else q for (p, _), q in zip(formatted, asked[i])])
         prompt_errors.append([e for _, e in formatted])
+    values = {
+        "prompts": prompts, "questions": asked, "prompt_errors": prompt_errors, "error": errors,
+        "tile_counts": counts, "image_sizes": sizes, "image_digests": digests,
+    }
     columns = {name: batch.column(name) for name in dict.fromkeys((cfg.id_column, *cfg.keep))}
-    columns.update(
-        prompts=pa.array(prompts, pa.list_(pa.string())),
-        questions=pa.array(asked, pa.list_(pa.string())),
-        prompt_errors=pa.array(prompt_errors, pa.list_(pa.string())),
-        error=pa.array(errors, pa.string()),
-        tiles=ArrowVariableShapedTensorArray.from_numpy(tiles),  # one type for every batch
-        tile_counts=pa.array(counts, pa.list_(pa.int32())),
-        image_sizes=pa.array(sizes, pa.list_(pa.int32())),
-        image_digests=pa.array(digests, pa.list_(pa.string())),
-    )
+    columns.update({f.name: pa.array(values[f.name], f.type) for f in PREPARED_FIELDS})
+    columns[TILES] = ArrowVariableShapedTensorArray.from_numpy(tiles)  # one type for every batch
     return pa.table(columns)

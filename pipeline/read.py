@@ -1,7 +1,6 @@
 """Manifest side: find the Parquet files, check their columns, read them, list a row's images.
 
-Local paths, `file://` and `s3://` go through fsspec (s3fs takes credentials and the endpoint
-from the standard AWS variables, `AWS_ENDPOINT_URL` included); image bytes are fetched by
+Local paths, `file://` and `s3://` go through pipeline/storage.py; image bytes are fetched by
 pipeline/fetch.py.
 """
 
@@ -11,39 +10,17 @@ import glob as globlib
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline.fetch import FetchError
+from pipeline.storage import arrow_filesystem, filesystem
 
 IMAGE_COLUMNS = ("image", "images")
 
 
 class ManifestError(ValueError):
     """A manifest the job cannot read; stops the job before any work starts."""
-
-
-def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for a URI and the path inside it."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs, path
-
-
-def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> PyFileSystem:
-    """Wrap fsspec for pyarrow and Ray Data, so every store is reached the same way."""
-    return PyFileSystem(FSSpecHandler(fs))
-
-
-def read_parquet_file(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
-    """One Parquet file, fetched whole through fsspec and parsed in memory.
-
-    Reading through `arrow_filesystem` in the driver lets pyarrow's I/O threads call back into
-    Python, and the interpreter then often aborts at exit ("terminate called without an active
-    exception", status 134) after the work is done. Whole files in memory avoid that.
-    """
-    return pq.read_table(pa.BufferReader(fs.cat_file(path)), columns=columns)
 
 
 def manifest_files(uri: str) -> list[str]:

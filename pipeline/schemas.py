@@ -20,9 +20,19 @@ from pipeline.config import SamplingParams
 # asks and their formatted prompts (and per-question prompt errors), the row's error, its images'
 # tiles; image sizes are flattened (h1, w1, h2, w2, ...), and each image's digest names its tiles
 # and size (the engine's image cache key).
-PREPARED_COLUMNS = (
-    "prompts", "questions", "prompt_errors", "error", "tiles", "tile_counts", "image_sizes", "image_digests",
-)
+# `tiles` holds one `(n, 3, crop, crop)` uint8 array per row, in Ray Data's variable-shaped tensor
+# type (its Arrow type is Ray's, so it is named here and typed by the stage).
+TILES = "tiles"
+PREPARED_FIELDS = [
+    pa.field("prompts", pa.list_(pa.string())),
+    pa.field("questions", pa.list_(pa.string())),
+    pa.field("prompt_errors", pa.list_(pa.string())),
+    pa.field("error", pa.string()),
+    pa.field("tile_counts", pa.list_(pa.int32())),
+    pa.field("image_sizes", pa.list_(pa.int32())),
+    pa.field("image_digests", pa.list_(pa.string())),
+]
+PREPARED_COLUMNS = (*(f.name for f in PREPARED_FIELDS), TILES)
 
 # Generation stage (predictor) writes the output contract: the id, these, then the kept columns.
 OUTPUT_FIELDS = [

@@ -15,8 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.read import arrow_filesystem, filesystem, read_parquet_file
 from pipeline.schemas import OUTPUT_FIELDS
+from pipeline.storage import arrow_filesystem, filesystem, join, read_parquet_file
+from pipeline.storage import write_json as write_json_file
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,7 @@ def reconcile_output(uri: str) -> OutputState:
 
 def write_json(uri: str, name: str, payload: dict[str, Any]) -> None:
     """Write a small JSON file next to the output files."""
-    fs, path = filesystem(uri)
-    with fs.open(f"{path.rstrip('/')}/{name}", "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+    write_json_file(join(uri, name), payload)
 
 
 def read_rows(uri: str, columns: list[str] | None = None) -> pa.Table:

@@ -96,3 +96,35 @@ def complete_parquet_files(folder) -> list:
         except (pa.ArrowInvalid, OSError):
             pass
     return complete
+
+
+def serve_image(payload: bytes):
+    """A loopback HTTP server: /img.png answers `payload`, /to?u=URL redirects to URL, else 404.
+
+    Returns the server (its port is `server.server_port`); stop it with `server.shutdown()`.
+    """
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/to?u="):
+                self.send_response(302)
+                self.send_header("Location", self.path[len("/to?u="):])
+                self.end_headers()
+                return
+            if self.path != "/img.png":
+                self.send_response(404)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

@@ -171,13 +171,11 @@ def run(quick: bool) -> SuiteResult:
     rows.append(["endpoint, preparation in threads", 16, threads_16["requests"], threads_16["rps"],
                  threads_16["ttft_p50_ms"], threads_16["ttft_p99_ms"], threads_16["p50_ms"], threads_16["p99_ms"],
                  threads_16["tokens_per_s_per_client"]])
+    header = ["path", "clients / in flight", "requests", "requests/s", "TTFT p50 ms", "TTFT p99 ms", "p50 ms",
+              "p99 ms", "tokens/s per client"]
+    title = "Online endpoint: streamed requests by concurrent clients vs the engine called directly (tiny checkpoint, CPU)"
     return SuiteResult(
-        suite="serve",
-        title="Online endpoint: streamed requests by concurrent clients vs the engine called directly (tiny checkpoint, CPU)",
-        header=["path", "clients / in flight", "requests", "requests/s", "TTFT p50 ms", "TTFT p99 ms", "p50 ms",
-                "p99 ms", "tokens/s per client"],
-        rows=rows,
-        ratios=ratios,
+        "serve", title, header, rows, ratios,
         targets=[
             Target("endpoint requests/s at 16 clients / direct at 16 in flight", ratios["ratio_endpoint_rps_over_direct_at_16"], 0.7, True),
             Target("endpoint overhead over a direct engine call, p50 ms", overhead_ms, 15.0, False),

@@ -12,7 +12,7 @@ from PIL import Image
 
 from jobs import annotate
 from pipeline.config import AnnotateConfig, EngineConfig
-from pipeline.read import arrow_filesystem, filesystem
+from pipeline.storage import arrow_filesystem, filesystem
 from pipeline.schemas import OUTPUT_COLUMNS
 from pipeline.write import read_rows
 from tests.helpers import encode, noise_image, reference_answer

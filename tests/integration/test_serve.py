@@ -274,7 +274,7 @@ def shapes_client(server):
 
 def test_the_default_served_model_names_shapes_and_colours(shapes_client):
     """What a new user of `python -m jobs.serve` sees: right answers about images they send."""
-    from pipeline import synthetic
+    from jobs import synthetic
 
     model = shapes_client.models.list().data[0].id
     right = {"shape": 0, "colour": 0}

@@ -5,7 +5,6 @@ engine fails alone, and images come only from where the operator allows.
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
 import threading
@@ -17,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.faults import poisoned_server
-from tests.helpers import data_url, encode, noise_image, reference_chat
+from tests.helpers import data_url, encode, noise_image, reference_chat, serve_image
 
 pytestmark = pytest.mark.integration
 
@@ -185,25 +184,7 @@ def test_one_request_that_breaks_the_engine_fails_alone(base, reference):
 def image_host():
     """Loopback HTTP: /img.png is an image, /to?u=URL redirects to URL."""
     image = noise_image(60, 45, seed=12)
-    payload = encode(image)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path.startswith("/to?u="):
-                self.send_response(302)
-                self.send_header("Location", self.path[len("/to?u="):])
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_image(encode(image))
     yield server.server_port, image
     server.shutdown()
 

@@ -13,7 +13,7 @@ import pytest
 
 from jobs import annotate
 from jobs.shapes_eval import TRUTH_COLUMNS, read_results
-from pipeline import synthetic
+from jobs import synthetic
 from pipeline.config import AnnotateConfig, EngineConfig
 
 CHECKPOINT = Path(__file__).resolve().parents[2] / "actors" / "checkpoints" / "tiny-shapes"

@@ -13,7 +13,7 @@ from actors.engine import Engine
 from pipeline.config import EngineConfig, SamplingParams
 from pipeline.preprocess import decode, prepare
 from pipeline.schemas import GenerationRequest
-from pipeline.synthetic import heldout_seeds, make_sample
+from jobs.synthetic import heldout_seeds, make_sample
 from tests.faults import carrying, fail_steps
 from tests.helpers import encode, noise_image, reference_tokens
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobs.demo import demo_manifest
-from pipeline import synthetic
+from jobs import synthetic
 
 
 def test_the_demo_asks_every_kind_about_held_out_images_plus_a_pair():

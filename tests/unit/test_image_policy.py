@@ -4,15 +4,13 @@ refused, allowed hosts are served, every redirect hop is checked again."""
 from __future__ import annotations
 
 import base64
-import http.server
-import threading
 
 import pytest
 
 from actors.image_policy import ImagePolicy, Refusal, image_bytes, prepare_image
 from pipeline.config import ImageLimits
 from pipeline.preprocess import AnyresSpec, PreparedImage
-from tests.helpers import encode, noise_image
+from tests.helpers import encode, noise_image, serve_image
 
 PNG = encode(noise_image(40, 30))
 DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
@@ -22,28 +20,7 @@ OPEN = ImagePolicy(allow_remote=True)
 @pytest.fixture
 def image_server():
     """Loopback HTTP: /img.png is the test PNG, /to?u=URL redirects to URL, anything else is 404."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path.startswith("/to?u="):
-                self.send_response(302)
-                self.send_header("Location", self.path[len("/to?u="):])
-                self.end_headers()
-                return
-            if self.path != "/img.png":
-                self.send_response(404)
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(PNG)))
-            self.end_headers()
-            self.wfile.write(PNG)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_image(PNG)
     yield server.server_port
     server.shutdown()
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from jobs.train_tiny import SHAPES_ARCH
-from pipeline import anyres, synthetic
+from jobs import synthetic
+from pipeline import anyres
 from pipeline.preprocess import decode
 
 SEEDS = range(150)

@@ -21,10 +21,9 @@ from jobs.train_tiny import (
     VisionProbe,
     load_examples,
     normalise,
-    prompt_ids,
     train,
 )
-from pipeline import synthetic
+from jobs import synthetic
 from pipeline.config import EngineConfig
 from pipeline.preprocess import prepare
 from pipeline.schemas import GenerationRequest
@@ -111,17 +110,6 @@ def test_the_vision_probe_trains_the_tower_but_is_not_saved(trained, tmp_path):
     without = load_file(tmp_path / "answers-only" / "model.safetensors")
     tower = [k for k in saved if "vision_tower" in k]
     assert tower and any(not torch.equal(saved[k], without[k]) for k in tower)
-
-
-def test_training_sees_the_engine_prompt_and_pixels(trained, engine):
-    """The first turn of a training row equals what the engine builds for the same question."""
-    examples = load_examples(synthetic.train_seeds(0, 2), engine.spec)
-    example = examples[1]
-    question = synthetic.QUESTIONS["shape"][0]
-    prompt = engine.format_question(question, 1)
-    ids, _ = engine.tokenize(GenerationRequest(prompt, [example.tiles], [example.size]))
-    assert prompt_ids(engine.tokenizer, engine.formatter, engine.spec, question, example.size) == ids
-    assert torch.equal(normalise([example.tiles], engine.spec), engine.pixel_batch([example.tiles]))
 
 
 def test_labels_cover_the_answers_and_their_ends_only(trained, engine):

@@ -1,5 +1,6 @@
 """Assemble the Ray Data plan: read -> CPU anyres + prompts -> generation actors -> (write).
 
+It joins the data side (pipeline/) and the model side (actors/), so it lives here, above both.
 Sizing decisions live here, made from the configuration and the cluster's resources, and are
 logged so a user can see why the plan is shaped the way it is.
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from actors.predictor import Predictor, batches_in_flight
 from pipeline.config import AnnotateConfig
 from pipeline.inputs import InputSpec, read_input
 from pipeline.preprocess import StageConfig, prepare_batch
@@ -101,8 +103,6 @@ def build_plan(
     `stats_actor` when one is given.
     """
     import ray
-
-    from actors.predictor import Predictor, batches_in_flight
 
     columns = spec.columns
     ds = read_input(cfg.input, spec, stats_actor)

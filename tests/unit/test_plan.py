@@ -1,0 +1,31 @@
+"""Plan sizing and resume filters, without running a plan."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from jobs.plan import drop_done, finished_ids, plan_resources
+from pipeline.config import AnnotateConfig, EngineConfig
+
+
+def _cfg(**kwargs) -> AnnotateConfig:
+    return AnnotateConfig(input="in.parquet", output="out", engine=EngineConfig(model="m"), **kwargs)
+
+
+def test_one_actor_per_gpu_and_cpu_actors_without_gpus():
+    assert plan_resources(_cfg(), {"GPU": 4, "CPU": 32}).actors == (4, 4)
+    cpu = plan_resources(_cfg(), {"CPU": 8})
+    assert cpu.actors == (1, 1) and cpu.gpus_per_actor == 0
+    assert plan_resources(_cfg(actors=(1, 3), gpus_per_actor=0.5), {"GPU": 2}).actors == (1, 3)
+
+
+def test_finished_ids_with_and_without_questions():
+    assert finished_ids(_cfg(), ["a", "b"], []) == ["a", "b"]
+    fixed = _cfg(questions=("q1", "q2"))
+    assert finished_ids(fixed, ["a", "b"], [("a", 0), ("a", 1), ("b", 0)]) == ["a"]
+    assert finished_ids(_cfg(questions_column="asks"), ["a"], [("a", 0)]) == []
+
+
+def test_drop_done_leaves_the_rest():
+    batch = pa.table({"id": ["a", "b", "c"]})
+    assert drop_done(batch, "id", pa.array(["b"])).column("id").to_pylist() == ["a", "c"]
