@@ -128,3 +128,23 @@ def serve_image(payload: bytes):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+def kill_after_first_file(args: list[str], out, log_path) -> None:
+    """Run `python -m jobs.annotate ARGS` and SIGKILL it once its first output file is complete."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    with open(log_path, "wb") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "jobs.annotate", *args], stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not complete_parquet_files(out):
+        assert driver.poll() is None, open(log_path).read()[-3000:]
+        assert time.monotonic() < deadline, "no output file was completed"
+        time.sleep(0.05)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()

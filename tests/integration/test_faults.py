@@ -6,8 +6,6 @@ import io
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from jobs import annotate
 from pipeline.config import AnnotateConfig, EngineConfig
 from pipeline.write import read_rows
 from tests.conftest import free_port
-from tests.helpers import animated_gif, complete_parquet_files, encode, exif_rotated, noise_image, reference_answer
+from tests.helpers import animated_gif, encode, exif_rotated, kill_after_first_file, noise_image, reference_answer
 
 MAX_NEW = 6
 
@@ -196,21 +194,12 @@ def test_driver_killed_then_resumed(tiny_model, ray_local, tmp_path, reference):
 
     glob, images = _manifest(tmp_path, 64, files=8)
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "jobs.annotate", "--input", glob, "--output", str(out), "--model", tiny_model,
+    args = [
+        "--input", glob, "--output", str(out), "--model", tiny_model,
         "--max-new-tokens", "24", "--batch-size", "2", "--preprocess-batch-size", "2", "--cpu-workers", "1",
-        "--rows-per-file", "4",
-        "--ray-address", ray.get_runtime_context().gcs_address,
+        "--rows-per-file", "4", "--ray-address", ray.get_runtime_context().gcs_address,
     ]
-    with open(tmp_path / "driver.log", "wb") as log:
-        driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not complete_parquet_files(out):
-        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no output file was completed"
-        time.sleep(0.05)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
+    kill_after_first_file(args, out, tmp_path / "driver.log")
     complete = _settled_rows(out)
     written = sum(complete.values())
     assert 0 < written < len(images), "the kill must land mid-run"

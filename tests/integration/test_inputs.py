@@ -7,11 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,7 +18,7 @@ from PIL import Image
 from jobs import annotate
 from pipeline.config import AnnotateConfig, ConfigError, EngineConfig
 from pipeline.write import OutputExistsError, read_rows
-from tests.helpers import complete_parquet_files, encode, noise_image, reference_answer
+from tests.helpers import encode, kill_after_first_file, noise_image, reference_answer
 
 pytestmark = pytest.mark.integration
 
@@ -194,19 +190,11 @@ def test_a_killed_run_with_questions_resumes_to_every_pair_once(tiny_model, ray_
 
     manifest, images = _question_manifest(tmp_path, 24)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "jobs.annotate", "--input", manifest, "--output", str(out), "--model", tiny_model,
-           "--questions-file", str(tmp_path / "questions.txt"), "--max-new-tokens", "16", "--batch-size", "2",
-           "--preprocess-batch-size", "2", "--cpu-workers", "1", "--rows-per-file", "6",
-           "--ray-address", ray.get_runtime_context().gcs_address]
-    with open(tmp_path / "driver.log", "wb") as log:
-        driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not complete_parquet_files(out):
-        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no output file was completed"
-        time.sleep(0.05)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
+    args = ["--input", manifest, "--output", str(out), "--model", tiny_model,
+            "--questions-file", str(tmp_path / "questions.txt"), "--max-new-tokens", "16", "--batch-size", "2",
+            "--preprocess-batch-size", "2", "--cpu-workers", "1", "--rows-per-file", "6",
+            "--ray-address", ray.get_runtime_context().gcs_address]
+    kill_after_first_file(args, out, tmp_path / "driver.log")
     first = read_rows(str(out)).num_rows
     assert 0 < first < 3 * len(images), "the kill must land mid-run"
     summary = _run(tiny_model, manifest, str(out), questions=QUESTIONS, resume=True, max_new_tokens=16)
