@@ -142,18 +142,21 @@ def run(quick: bool) -> SuiteResult:
             args = {"model": model, "max_new_tokens": max_tokens, "gpus_per_replica": 0, "dtype": "float32",
                     "page_size": 16, "max_ongoing_requests": 2 * max(LEVELS), "max_queued_requests": 4 * max(LEVELS)}
             serve.run(build_app(args), name="bench", route_prefix="/")
-            serve.run(build_app({**args, "prepare_workers": 0}), name="threads", route_prefix="/threads")
             base = f"http://127.0.0.1:{port}"
             load(base, bodies, 4, 1)  # warm-up: the replica's pool, the image cache, the loop
-            load(f"{base}/threads", bodies, 4, 1)
             levels = {c: load(base, bodies, c, per_client * (1 if c == 1 else 2)) for c in LEVELS}
-            threads_16 = load(f"{base}/threads", bodies, 16, per_client * 2)
+            if quick:  # the smoke run skips the comparison with preparation in threads
+                threads_16 = levels[16]
+            else:
+                serve.run(build_app({**args, "prepare_workers": 0}), name="threads", route_prefix="/threads")
+                load(f"{base}/threads", bodies, 4, 1)
+                threads_16 = load(f"{base}/threads", bodies, 16, per_client * 2)
         finally:
             serve.shutdown()
         torch.set_num_threads(1)  # as in a replica holding one CPU
         try:
             one = direct(model, images, max_tokens, 1, 4 * per_client)
-            sixteen = direct(model, images, max_tokens, 16, 32 * per_client)
+            sixteen = direct(model, images, max_tokens, 16, 32 * per_client if not quick else 16)
         finally:
             torch.set_num_threads(threads)
     overhead_ms = levels[1]["p50_ms"] - one["p50_ms"]

@@ -224,5 +224,6 @@ def test_mistakes_are_refused_before_any_work(tiny_model, ray_local, tmp_path):
     assert "engine.max_new_tokens" in str(info.value) and "prompt" in str(info.value)
     assert "--force-config" in str(info.value)
     assert sorted(os.listdir(out)) == before
-    summary = _run(tiny_model, manifest, out, max_new_tokens=5, retry_errors=True, force_config=True)
-    assert summary["rows_out"] == 1
+    forced = AnnotateConfig(input=manifest, output=out, engine=EngineConfig(model=tiny_model, max_new_tokens=5),
+                            retry_errors=True, force_config=True)
+    annotate.check_continuation(forced)  # passes: the operator chose to mix configurations

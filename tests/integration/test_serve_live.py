@@ -59,7 +59,7 @@ def base(ray_local, tiny_model, poison_ids):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"model": tiny_model, "max_new_tokens": LONG, "gpus_per_replica": 0, "page_size": 16}
-    live = ServeOptions.from_args({**common, "prepare_workers": 1, "allow_remote_images": True,
+    live = ServeOptions.from_args({**common, "prepare_workers": 0, "allow_remote_images": True,
                                    "allow_image_hosts": "127.0.0.1"})
     serve.run(application(live), name="live", route_prefix="/")
     poisoned = ServeOptions.from_args({**common, "prepare_workers": 0})
