@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -143,11 +143,15 @@ def heldout_seeds(first: int, count: int) -> range:
     return range(HELDOUT_BASE + first, HELDOUT_BASE + first + count)
 
 
-def manifest(seeds: range | list[int], kinds: tuple[str, ...] = ("shape", "colour")) -> pa.Table:
-    """A job manifest: one row per (image, kind) with the canonical question and the truth."""
+def manifest(seeds: range | list[int], kinds: tuple[str, ...] = ("shape", "colour"),
+             fmt: str | None = None) -> pa.Table:
+    """A job manifest: one row per (image, kind) with the canonical question and the truth;
+    `fmt` ("JPEG" or "PNG") encodes every image that way instead of the seed's own choice."""
     rows: dict[str, list] = {k: [] for k in ("id", "image", "prompt", "kind", "shape", "colour")}
     for seed in seeds:
         sample = make_sample(seed)
+        if fmt is not None:
+            sample = replace(sample, fmt=fmt)
         data = sample.encoded()
         for kind in kinds:
             rows["id"].append(f"{seed}-{kind}")

@@ -6,7 +6,9 @@ Clients are threads posting OpenAI chat requests (an inline JPEG, a 64-token ans
 events as they come. Per level: time to first token (TTFT) p50/p99, whole-request latency,
 tokens per second per client, requests per second. The direct baseline submits the same requests
 to an `Engine` in this process (prepare the image, generate), at 1 and at 16 in flight; the
-endpoint's overhead is its 1-client p50 latency minus the direct 1-in-flight p50.
+endpoint's overhead is its 1-client p50 latency minus the direct 1-in-flight p50. The full run
+also puts 16 clients on a replica that prepares images in threads instead of its process pool,
+with these images and with 1920x1080 ones.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 LEVELS = (1, 4, 16)
 IMAGE_SIZE = (320, 240)
+BIG_IMAGE_SIZE = (1920, 1080)  # preparation pool vs threads is also compared on these
 QUESTION = "What is shown in this image?"
 DISTINCT_IMAGES = 8
 
@@ -145,12 +148,18 @@ def run(quick: bool) -> SuiteResult:
             base = f"http://127.0.0.1:{port}"
             load(base, bodies, 4, 1)  # warm-up: the replica's pool, the image cache, the loop
             levels = {c: load(base, bodies, c, per_client * (1 if c == 1 else 2)) for c in LEVELS}
+            big: dict[str, dict[str, float]] = {}
             if quick:  # the smoke run skips the comparison with preparation in threads
                 threads_16 = levels[16]
             else:
                 serve.run(build_app({**args, "prepare_workers": 0}), name="threads", route_prefix="/threads")
                 load(f"{base}/threads", bodies, 4, 1)
                 threads_16 = load(f"{base}/threads", bodies, 16, per_client * 2)
+                big_bodies = [chat_body(photo_jpeg(*BIG_IMAGE_SIZE, seed=k), max_tokens, stream=True)
+                              for k in range(DISTINCT_IMAGES)]
+                for name, prefix in (("pool", ""), ("threads", "/threads")):
+                    load(f"{base}{prefix}", big_bodies, 4, 1)
+                    big[name] = load(f"{base}{prefix}", big_bodies, 16, 2)
         finally:
             serve.shutdown()
         torch.set_num_threads(1)  # as in a replica holding one CPU
@@ -167,6 +176,10 @@ def run(quick: bool) -> SuiteResult:
         "ratio_endpoint_p50_over_direct": levels[1]["p50_ms"] / one["p50_ms"],
         "speedup_rps_process_pool_over_threads_at_16": levels[16]["rps"] / threads_16["rps"],
     }
+    if big:
+        ratios["speedup_rps_process_pool_over_threads_at_16_big"] = big["pool"]["rps"] / big["threads"]["rps"]
+        ratios["ratio_ttft_p50_process_pool_over_threads_at_16_big"] = (
+            big["pool"]["ttft_p50_ms"] / big["threads"]["ttft_p50_ms"])
     rows = [["endpoint (stream)", c, lvl["requests"], lvl["rps"], lvl["ttft_p50_ms"], lvl["ttft_p99_ms"], lvl["p50_ms"],
              lvl["p99_ms"], lvl["tokens_per_s_per_client"]] for c, lvl in levels.items()]
     rows += [["direct engine call", d["in_flight"], d["requests"], d["rps"], "-", "-", d["p50_ms"], d["p99_ms"], "-"]
@@ -174,6 +187,10 @@ def run(quick: bool) -> SuiteResult:
     rows.append(["endpoint, preparation in threads", 16, threads_16["requests"], threads_16["rps"],
                  threads_16["ttft_p50_ms"], threads_16["ttft_p99_ms"], threads_16["p50_ms"], threads_16["p99_ms"],
                  threads_16["tokens_per_s_per_client"]])
+    for name, lvl in big.items():
+        rows.append([f"endpoint, {BIG_IMAGE_SIZE[0]}x{BIG_IMAGE_SIZE[1]} images, preparation in "
+                     + ("processes" if name == "pool" else "threads"), 16, lvl["requests"], lvl["rps"],
+                     lvl["ttft_p50_ms"], lvl["ttft_p99_ms"], lvl["p50_ms"], lvl["p99_ms"], lvl["tokens_per_s_per_client"]])
     header = ["path", "clients / in flight", "requests", "requests/s", "TTFT p50 ms", "TTFT p99 ms", "p50 ms",
               "p99 ms", "tokens/s per client"]
     title = "Online endpoint: streamed requests by concurrent clients vs the engine called directly (tiny checkpoint, CPU)"
@@ -184,7 +201,7 @@ def run(quick: bool) -> SuiteResult:
             Target("endpoint overhead over a direct engine call, p50 ms", overhead_ms, 15.0, False),
             Target("TTFT p50 at 16 clients / 1 client", ratios["ratio_ttft_p50_16_over_1_client"], 3.0, False),
         ],
-        raw={"levels": levels, "threads_16": threads_16, "direct_1": one, "direct_16": sixteen, "overhead_p50_ms": overhead_ms,
+        raw={"levels": levels, "threads_16": threads_16, "big_images_16": big, "direct_1": one, "direct_16": sixteen, "overhead_p50_ms": overhead_ms,
              "max_tokens": max_tokens, "image_size": IMAGE_SIZE, "distinct_images": DISTINCT_IMAGES},
         notes=[
             f"Each request: one of {DISTINCT_IMAGES} {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEGs as a data URL, {max_tokens} "

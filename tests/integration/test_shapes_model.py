@@ -17,27 +17,39 @@ from jobs import synthetic
 from pipeline.config import AnnotateConfig, EngineConfig
 
 CHECKPOINT = Path(__file__).resolve().parents[2] / "actors" / "checkpoints" / "tiny-shapes"
-IMAGES = 24
+IMAGES = 32
 # Held-out seeds of their own: neither training nor the README's evaluation uses them.
 FIRST = 10_000
 MIN_ACCURACY = 0.85
+MIN_FAST_AGREEMENT = 0.98
 
 
-@pytest.fixture(scope="module")
-def results(ray_local, tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("shapes")
-    pq.write_table(synthetic.manifest(synthetic.heldout_seeds(FIRST, IMAGES)), tmp / "manifest.parquet")
+def annotate_once(manifest: Path, output: Path, fast_decode: bool) -> list[dict]:
     cfg = AnnotateConfig(
-        input=str(tmp / "manifest.parquet"),
-        output=str(tmp / "out"),
+        input=str(manifest),
+        output=str(output),
         engine=EngineConfig(model=str(CHECKPOINT), max_new_tokens=8),
         keep_columns=TRUTH_COLUMNS,
         batch_size=16,
         cpu_workers=2,
+        fast_decode=fast_decode,
     )
     summary = annotate.run(cfg)
     assert summary["rows_out"] == summary["ok"] == 2 * IMAGES
-    return read_results(str(tmp / "out"))
+    return read_results(str(output))
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    """Every image a JPEG (240-1000 px), so `--fast-decode` has work: the model's largest grid is 192 px."""
+    path = tmp_path_factory.mktemp("shapes") / "manifest.parquet"
+    pq.write_table(synthetic.manifest(synthetic.heldout_seeds(FIRST, IMAGES), fmt="JPEG"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def results(ray_local, manifest) -> list[dict]:
+    return annotate_once(manifest, manifest.parent / "exact", fast_decode=False)
 
 
 def test_the_checkpoint_is_small_enough_to_commit():
@@ -55,3 +67,12 @@ def test_heldout_shapes_and_colours_are_named_right(results, kind):
              and not synthetic.is_correct(kind, r["response"], r["shape"], r["colour"])]
     assert accuracy["total"] == IMAGES
     assert accuracy["accuracy"] >= MIN_ACCURACY, wrong
+
+
+def test_fast_decode_gives_the_same_answers(results, manifest):
+    """`--fast-decode` decodes these JPEGs at a reduced DCT scale; the answers must not change."""
+    fast = {r["id"]: r["response"] for r in annotate_once(manifest, manifest.parent / "fast", fast_decode=True)}
+    exact = {r["id"]: r["response"] for r in results}
+    assert fast.keys() == exact.keys()
+    differing = [(k, exact[k], fast[k]) for k in exact if exact[k] != fast[k]]
+    assert 1 - len(differing) / len(exact) >= MIN_FAST_AGREEMENT, differing
