@@ -3,9 +3,9 @@
 The server's credentials and network position are not the client's: `s3://` reads happen with
 the replica's own credentials, and `http(s)://` fetches from inside the operator's network. So
 `data:` URLs are always allowed, `s3://` only under prefixes the operator lists, `http(s)://`
-only when remote images are on, and then never to loopback, private, link-local, multicast or
-reserved addresses (checked on every resolved address of every redirect hop) unless the
-operator names the host. A refusal says what was refused, never whether a private object
+only when remote images are on, and then only to globally routable addresses (no loopback,
+private, shared/CGNAT, link-local, multicast or reserved ones; checked on every resolved address
+of every redirect hop) unless the operator names the host. A refusal says what was refused, never whether a private object
 exists or how large it is.
 
 `prepare_image` runs in the replica's preparation processes (or threads) and returns errors as
@@ -20,7 +20,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from pipeline.config import ImageLimits
-from pipeline.fetch import FetchError, FetchRefused, FetchTooLarge, fetch
+from pipeline.fetch import FetchError, FetchRefused, FetchTooLarge, fetch, http_get
 from pipeline.preprocess import AnyresSpec, ImageError, ImageTooLarge, PreparedImage, prepare
 
 
@@ -33,17 +33,22 @@ class ImagePolicy:
     hosts: tuple[str, ...] = ()
     timeout_s: float = 10.0
 
-    def check_address(self, host: str, address: str) -> str | None:
-        """Why `host` at `address` may not be fetched, or None when it may."""
+    def check_address(self, host: str, address: str | None) -> str | None:
+        """Why `host` at `address` may not be fetched, or None when it may: only globally routable
+        addresses (after unwrapping IPv4-mapped, 6to4 and Teredo forms) unless the host is named.
+        One answer for every refusal, a name that does not resolve included (`address` None)."""
         if host.lower() in self.hosts:
             return None
+        refusal = (f"image host {host} is not a public address (or does not resolve); such hosts are refused "
+                   "unless the operator allows them (--allow-image-host)")
+        if address is None:
+            return refusal
         ip = ipaddress.ip_address(address.split("%")[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        for kind in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private"):
-            if getattr(ip, f"is_{kind}"):
-                return (f"image host {host} is a {kind.replace('_', '-')} address; such hosts are refused "
-                        "unless the operator allows them (--allow-image-host)")
+        candidates = [ip]
+        if isinstance(ip, ipaddress.IPv6Address):
+            candidates += [a for a in (ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())) if a is not None]
+        if any(not a.is_global or a.is_multicast or getattr(a, "is_site_local", False) for a in candidates):
+            return refusal
         return None
 
     def s3_allowed(self, url: str) -> bool:
@@ -95,7 +100,7 @@ def image_bytes(url: str, policy: ImagePolicy, max_bytes: int) -> bytes | Refusa
             return Refusal(400, "http(s) image URLs are disabled on this server (start it with "
                                 "--allow-remote-images); send the image inline as a data: URL", "remote_images_disabled")
         try:
-            return fetch(url, policy.timeout_s, max_bytes, policy.check_address)
+            return http_get(url, policy.timeout_s, max_bytes, policy.check_address)
         except FetchRefused as exc:
             return Refusal(400, str(exc), "image_url_refused")
         except FetchTooLarge as exc:

@@ -265,16 +265,21 @@ class LlavaNextServer:
         sent = ""
         try:
             yield chunks.role()
+            interval = self.options.stream_interval_ms / 1000
+            last = -interval
             finished = False
             while not finished:
                 text = await updates.get()
-                # Updates that piled up while the last chunk was sent go out as one chunk.
+                if text is not None and (wait := last + interval - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                # Updates that piled up meanwhile go out as one chunk.
                 while text is not None and not updates.empty():
                     text = updates.get_nowait()
                 finished = text is None
                 if not finished and len(text) > len(sent) and text.startswith(sent):
                     yield chunks.content(text[len(sent):])
                     sent = text
+                    last = loop.time()
             result = submission.future.result()
             if result.error is not None:
                 error = api.engine_error(result.error)

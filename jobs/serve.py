@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests per generate call (static scheduler)")
     r.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
                    help="how long a batch waits to fill (static scheduler)")
+    r.add_argument("--stream-interval-ms", type=float, default=d.stream_interval_ms,
+                   help="least time between two streamed chunks; text made meanwhile goes out together "
+                        f"(default: {d.stream_interval_ms:g} = every piece as soon as it is final)")
     r.add_argument("--prepare-workers", type=int, default=d.prepare_workers,
                    help="processes per replica that fetch, decode and tile images (0: threads of the replica)")
     r.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--allow-s3-prefix", dest="allow_s3_prefixes", action="append", default=[],
                    help="s3://bucket/path/ under which clients may name images (repeatable; none by default)")
     i.add_argument("--allow-remote-images", action="store_true",
-                   help="let clients send http(s) image URLs (never to private or loopback addresses)")
+                   help="let clients send http(s) image URLs (public addresses only)")
     i.add_argument("--allow-image-host", dest="allow_image_hosts", action="append", default=[],
                    help="a host clients may reach even though it is private or loopback (repeatable)")
     i.add_argument("--fetch-timeout", dest="fetch_timeout_s", type=float, default=d.fetch_timeout_s)

@@ -345,8 +345,9 @@ class ServeOptions:
     `gpus_per_replica=None` means one GPU when the cluster has any, else none;
     `max_queued_requests=-1` leaves the queue unbounded. `max_batch_size`/`batch_wait_ms` shape
     the batches of the static scheduler. Images: `data:` URLs always; `s3://` only under
-    `allow_s3_prefixes`; `http(s)://` only with `allow_remote_images`, and then never to loopback,
-    private, link-local or multicast addresses unless the host is in `allow_image_hosts`.
+    `allow_s3_prefixes`; `http(s)://` only with `allow_remote_images`, and then only to public
+    addresses unless the host is in `allow_image_hosts`. `stream_interval_ms` is the least time
+    between two streamed chunks (text made meanwhile goes out together; 0 = every piece at once).
     `prepare_workers` processes fetch, decode and tile images beside the model's process;
     `fast_decode` decodes big JPEGs at a reduced scale (not bit-exact).
     """
@@ -366,6 +367,7 @@ class ServeOptions:
     allow_image_hosts: tuple[str, ...] = ()
     fetch_timeout_s: float = 10.0
     fast_decode: bool = False
+    stream_interval_ms: float = 0.0
     max_image_bytes: int = ImageLimits().max_bytes
     max_image_pixels: int = ImageLimits().max_pixels
     max_body_bytes: int = 128 * 1024 * 1024
@@ -377,6 +379,8 @@ class ServeOptions:
                 raise ConfigError(f"{name} must be at least 1")
         if self.max_queued_requests < -1 or self.max_queued_requests == 0:
             raise ConfigError("max_queued_requests must be positive, or -1 for no bound")
+        if self.stream_interval_ms < 0:
+            raise ConfigError("stream_interval_ms must not be negative")
         if self.batch_wait_ms < 0 or (self.gpus_per_replica is not None and self.gpus_per_replica < 0):
             raise ConfigError("batch_wait_ms and gpus_per_replica must not be negative")
         if self.prepare_workers < 0 or self.fetch_timeout_s <= 0:

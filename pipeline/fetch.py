@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -19,9 +20,11 @@ from urllib.parse import urljoin, urlsplit
 from pipeline.storage import filesystem
 
 MAX_REDIRECTS = 5
+CHUNK = 1 << 16
 
-# (host, resolved ip) -> why that address may not be fetched, or None when it may.
-AddressCheck = Callable[[str, str], "str | None"]
+# (host, resolved ip, or None when the name did not resolve) -> why that host may not be
+# fetched, or None when it may.
+AddressCheck = Callable[[str, "str | None"], "str | None"]
 
 
 class FetchError(ValueError):
@@ -50,7 +53,7 @@ def fetch(source: Any, timeout_s: float, max_bytes: int, check: AddressCheck | N
         return bytes(source)
     if not isinstance(source, str):
         raise FetchError(f"unsupported image value of type {type(source).__name__}")
-    if source.startswith(("http://", "https://")):
+    if source.split(":", 1)[0].lower() in ("http", "https"):
         return http_get(source, timeout_s, max_bytes, check)
     try:
         fs, path = filesystem(source)
@@ -89,10 +92,14 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
 
 
 def _address(host: str, port: int, check: AddressCheck | None) -> str:
-    """The address to connect to; with a check, every address the name resolves to must pass."""
+    """The address to connect to; with a check, every address the name resolves to must pass, and
+    a name that does not resolve is refused in the same words as one that is not allowed (so the
+    answers cannot be used to list a private network's names)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:
+        if check is not None:
+            raise FetchRefused(check(host, None) or f"image host {host} is refused") from None
         raise FetchError(f"cannot resolve {host}: {exc}") from None
     addresses = [info[4][0] for info in infos]
     if check is not None:
@@ -104,27 +111,54 @@ def _address(host: str, port: int, check: AddressCheck | None) -> str:
 
 
 def http_get(url: str, timeout_s: float, max_bytes: int, check: AddressCheck | None = None) -> bytes:
-    """GET an image over HTTP(S), following up to five redirects, each hop checked; at most
-    `max_bytes` + 1 bytes are read, so an endless body costs one bounded read."""
+    """GET an image over HTTP(S), following up to five redirects, each hop checked. `timeout_s`
+    bounds the whole fetch, every hop and byte included, so a server that trickles cannot hold a
+    worker; at most `max_bytes` + 1 bytes are read."""
+    deadline = time.monotonic() + timeout_s
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise FetchError(f"cannot download {url}: no complete answer within {timeout_s:g} s")
+        return left
+
     for _ in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(url)
+            scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
+        except ValueError as exc:  # a bad port, an unclosed [IPv6 bracket, ...
+            raise FetchError(f"not a valid URL: {url}: {exc}") from None
+        if scheme not in ("http", "https") or not host:
             raise FetchError(f"not an http(s) URL: {url}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        address = _address(parts.hostname, port, check)
-        kind = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
-        connection = kind(parts.hostname, port, address, timeout_s)
+        port = port or (443 if scheme == "https" else 80)
+        address = _address(host, port, check)
+        kind = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
+        connection = kind(host, port, address, remaining())
         try:
             connection.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
                                headers={"User-Agent": "llava-next-ray", "Accept": "image/*"})
+            sock = connection.sock  # the response may detach it from the connection
+            sock.settimeout(remaining())
             response = connection.getresponse()
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
                 url = urljoin(url, response.getheader("Location"))
                 continue
             if response.status != 200:
                 raise FetchError(f"{url}: the server answered HTTP {response.status}")
-            data = response.read(max_bytes + 1)
-        except (OSError, http.client.HTTPException) as exc:
+            chunks, size = [], 0
+            while size <= max_bytes and not response.isclosed():
+                sock.settimeout(remaining())
+                chunk = response.read1(min(CHUNK, max_bytes + 1 - size))  # what has come, not all of it
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            data = b"".join(chunks)
+        except FetchError:
+            raise
+        except TimeoutError:
+            raise FetchError(f"cannot download {url}: no complete answer within {timeout_s:g} s") from None
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             raise FetchError(f"cannot download {url}: {type(exc).__name__}: {exc}") from None
         finally:
             connection.close()

@@ -21,6 +21,7 @@ from tests.helpers import data_url, encode, noise_image, reference_chat, serve_i
 pytestmark = pytest.mark.integration
 
 LONG = 64
+INTERVAL_MS = 100
 POISON_WORDS = "zebra quartz"
 
 
@@ -50,7 +51,8 @@ def poison_ids(tiny_model) -> list[int]:
 @pytest.fixture(scope="module")
 def base(ray_local, tiny_model, poison_ids):
     """Three apps: the continuous endpoint (127.0.0.1 allowed as an image host), one whose engine
-    breaks on the poison tokens, and one on the static scheduler."""
+    breaks on the poison tokens (and streams at most one chunk per `INTERVAL_MS`), and one on the
+    static scheduler."""
     from ray import serve
 
     from actors.serve_app import application
@@ -62,7 +64,7 @@ def base(ray_local, tiny_model, poison_ids):
     live = ServeOptions.from_args({**common, "prepare_workers": 0, "allow_remote_images": True,
                                    "allow_image_hosts": "127.0.0.1"})
     serve.run(application(live), name="live", route_prefix="/")
-    poisoned = ServeOptions.from_args({**common, "prepare_workers": 0})
+    poisoned = ServeOptions.from_args({**common, "prepare_workers": 0, "stream_interval_ms": INTERVAL_MS})
     deployment = serve.deployment(poisoned_server(poison_ids))
     serve.run(deployment.options(ray_actor_options={"num_cpus": 1}).bind(poisoned), name="poisoned",
               route_prefix="/poisoned")
@@ -110,6 +112,15 @@ def test_the_stream_is_live_and_equals_the_plain_reply_and_the_reference(base, r
     assert text == plain.choices[0].message.content == reference_chat(reference, messages, [image], LONG)
     assert len(times) >= 16
     assert times[0] - sent < (ended - sent) / 2
+
+
+def test_a_stream_interval_gathers_the_pieces_and_changes_no_text(base):
+    messages = question(noise_image(300, 80, seed=11), "Describe the image in detail.")
+    text, times, sent, ended = timed_stream(base, messages, prefix="/poisoned")
+    plain = ask(base, messages)
+    assert text == plain.choices[0].message.content
+    # Pieces leave the replica at least INTERVAL_MS apart: at most one per interval, plus the last.
+    assert 1 <= len(times) <= (ended - sent) / (INTERVAL_MS / 1000) + 2
 
 
 def test_a_new_request_gets_its_first_token_while_eight_others_generate(base):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 
 import pytest
 
@@ -48,3 +49,40 @@ def test_http_follows_redirects_and_bounds_the_read():
             fetch(url, 5.0, 50)
     finally:
         server.shutdown()
+
+
+def test_a_trickling_server_cannot_hold_the_fetch_past_its_timeout():
+    """The timeout bounds the whole download, not each read: one byte every 0.2 s never times a
+    read out, yet the fetch gives up once its second is spent."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            try:
+                for _ in range(100):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:  # the client gave up
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(FetchError, match="within 1 s"):
+            fetch(f"http://127.0.0.1:{server.server_port}/slow", 1.0, 1000)
+        assert time.monotonic() - start < 3.0
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("url", ["http://h:99999/x.png", "http://[::1/x.png", "http://a..b/x.png", "http://"])
+def test_malformed_http_urls_are_fetch_errors(url):
+    with pytest.raises(FetchError):
+        fetch(url, 1.0, 10)
