@@ -105,10 +105,11 @@ class Submission:
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     cancelled: bool = False
+    closed: bool = False  # set, under the loop's lock, by the one call that resolves the future
 
     @property
     def done(self) -> bool:
-        return self.future.done()
+        return self.closed
 
 
 class ContinuousLoop:
@@ -137,6 +138,7 @@ class ContinuousLoop:
         self._suspects: deque[Submission] = deque()  # requests a dead loop held, to re-run alone
         self._held: deque[Submission] = deque()  # ready requests waiting for the isolation to end
         self._isolating = False
+        self._recovering = False  # a dead loop is being replaced: launch nothing onto it
         self._maintenance = False  # the loop is being replaced on purpose
         self._ids = itertools.count()
         self._closed = threading.Event()
@@ -210,6 +212,10 @@ class ContinuousLoop:
         params = request.params or self.engine.default_params()
         tracker = TextTracker(self.engine.decode, params.stop)
         key = f"r{next(self._ids)}"
+        if self._closed.is_set():
+            sub = Submission(key, request, params, [], 0, tracker)
+            self._fail(sub, "generate: the engine was shut down")
+            return sub
         with self._lock:
             self.counters.requests += 1
         try:
@@ -253,8 +259,9 @@ class ContinuousLoop:
     def stats(self) -> dict[str, int]:
         with self._lock:
             out = dict(self.counters.__dict__)
-            out.update(running=len(self._live), waiting=self._incoming.qsize() + len(self._waiting)
-                       + sum(len(v) for v in self._gates.values()) + len(self._suspects) + len(self._held))
+            gated = sum(len(v) for v in self._gates.values())
+            out.update(running=len(self._live), waiting=self._incoming.qsize() + len(self._waiting) + gated
+                       + len(self._suspects) + len(self._held), waiting_on_prefill=gated)
         out.update(self.table.stats())
         return out
 
@@ -315,18 +322,30 @@ class ContinuousLoop:
         if to_encode:
             self._encode(to_encode)
         for sub in ready:
-            failed = next((e.error for e in sub.entries if e.error is not None), None)
-            if failed is not None:
-                self._fail(sub, f"generate: {failed}")
-                continue
-            sub.input_ids = self._input_ids(sub)
-            self._gate_or_launch(sub)
+            # Under the lock, so a cancel lands either before (and the request is dropped here)
+            # or after its launch or gate registration, never in between.
+            with self._lock:
+                if sub.done:  # cancelled or failed meanwhile: let go of what was acquired since
+                    self._release(sub)
+                    continue
+                failed = next((e.error for e in sub.entries if e.error is not None), None)
+                if failed is not None:
+                    self._fail(sub, f"generate: {failed}")
+                    continue
+                sub.input_ids = self._input_ids(sub)
+                self._gate_or_launch(sub)
         return bool(ready)
 
     def _acquire_images(self, sub: Submission, to_encode: list) -> bool:
         """Reference every image of a request in the table; False when rows must be freed first."""
         req = sub.request
         digests = req.image_digests or [None] * len(req.tiles)
+        if not sub.entries:
+            rows = sum(self.engine.spec.num_image_tokens(tuple(int(v) for v in size)) for size in req.image_sizes)
+            if rows > self.table.capacity:
+                self._fail(sub, f"generate: the request's images need {rows} image-cache rows together but the "
+                                f"cache holds {self.table.capacity} (raise --image-cache-mb)")
+                return True
         for k in range(len(sub.entries), len(req.tiles)):
             size = tuple(int(v) for v in req.image_sizes[k])
             digest = digests[k] or self.engine.digest(req.tiles[k], size)
@@ -338,7 +357,8 @@ class ContinuousLoop:
             if got is None:
                 return False
             entry, new = got
-            sub.entries.append(entry)
+            with self._lock:
+                sub.entries.append(entry)
             if new:
                 to_encode.append((entry, req.tiles[k], size))
         return True
@@ -501,6 +521,7 @@ class ContinuousLoop:
         oom = isinstance(error, torch.OutOfMemoryError)
         floor = self.engine.cfg.page_size
         with self._lock:
+            self._recovering = True
             suspects = sorted(self._live.values(), key=lambda s: int(s.key[1:]))
             self._live.clear()
             waiting = [f for group in self._gates.values() for f in group]
@@ -527,13 +548,17 @@ class ContinuousLoop:
         dead.stop(block=True, timeout=30)
         if oom and self.engine.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.manager = self._start_manager()
+        try:
+            self.manager = self._start_manager()
+        finally:
+            with self._lock:
+                self._recovering = False
         self._next_isolated()
 
     def _next_isolated(self) -> None:
         """While isolating: run the next suspect alone; with none left, back to normal traffic."""
         with self._lock:
-            if not self._isolating or self._live:
+            if not self._isolating or self._live or self._recovering:
                 return
             while self._suspects:
                 sub = self._suspects.popleft()
@@ -571,9 +596,17 @@ class ContinuousLoop:
 
     # ---- endings ------------------------------------------------------------------------------
 
+    def _close(self, sub: Submission) -> bool:
+        """Claim the right to resolve a request's future: True for exactly one caller."""
+        with self._lock:
+            if sub.closed:
+                return False
+            sub.closed = True
+            return True
+
     def _finish(self, sub: Submission, reason: str) -> None:
         """Fill in the result, release the images, resolve the future (once)."""
-        if sub.done:
+        if not self._close(sub):
             return
         result = GenerationResult(
             num_input_tokens=len(sub.prompt_ids), num_image_tokens=sub.num_image_tokens,
@@ -591,7 +624,7 @@ class ContinuousLoop:
         sub.future.set_result(result)
 
     def _fail(self, sub: Submission, error: str) -> None:
-        if sub.done:
+        if not self._close(sub):
             return
         with self._lock:
             self.counters.failed += 1
@@ -601,7 +634,13 @@ class ContinuousLoop:
         ))
 
     def _release(self, sub: Submission) -> None:
-        entries, sub.entries = sub.entries, []
+        """Let go of a request's images; a gate leader lets its followers go, a follower leaves its group."""
+        with self._lock:
+            entries, sub.entries = sub.entries, []
+            group = self._gates.get(sub.gate) if sub.gate is not None else None
+            if group is not None and any(f is sub for f in group):
+                group[:] = [f for f in group if f is not sub]
+                sub.gate = None
         for entry in entries:
             self.table.release(entry)
         if sub.gate is not None:

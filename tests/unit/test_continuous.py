@@ -144,6 +144,61 @@ def test_a_request_the_cache_cannot_hold_fails_alone(engine):
     assert results[1].error is None and results[1].num_output_tokens == 12
 
 
+def _settles(engine, **expected) -> bool:
+    """Whether the engine's counters reach `expected` within a few seconds."""
+    for _ in range(100):
+        stats = engine.stats()
+        if all(stats[k] == v for k, v in expected.items()):
+            return True
+        threading.Event().wait(0.05)
+    return False
+
+
+def test_a_follower_cancelled_at_its_gate_leaves_nothing_behind(engine):
+    """A request waiting for another's prefill of the same image is cancelled (its client left):
+    it must neither start later nor stay counted as running, and the image stays usable."""
+    image = [encode(noise_image(300, 80, seed=81))]
+    engine.generate([_request(engine, image, "Warm.", SamplingParams(max_new_tokens=1))])  # encoded, cached
+    release = threading.Event()
+    restore = fail_steps(engine, lambda ids: release.wait(30) and None)  # steps wait for `release`
+    try:
+        leader = engine.submit(_request(engine, image, "What is shown in this image?"))
+        assert _settles(engine, running=1)
+        follower = engine.submit(_request(engine, image, "Describe the colours."))
+        assert _settles(engine, running=1, waiting_on_prefill=1)  # held at the leader's gate
+        engine.loop.cancel(follower)
+    finally:
+        release.set()
+        restore()
+    assert follower.future.result(timeout=60).finish_reason == "cancelled"
+    assert leader.future.result(timeout=60).error is None
+    assert _settles(engine, running=0, waiting=0, waiting_on_prefill=0)
+    again = engine.generate([_request(engine, image, "Describe the colours.")])[0]
+    assert again.error is None and again.num_output_tokens > 0
+
+
+def test_images_that_fit_the_cache_alone_but_not_together_fail_alone(tiny_model):
+    from transformers import AutoConfig
+
+    from pipeline.preprocess import AnyresSpec
+
+    rows = AnyresSpec.from_checkpoint(tiny_model).num_image_tokens((64, 64))
+    row_bytes = AutoConfig.from_pretrained(tiny_model).text_config.hidden_size * 4  # float32 on CPU
+    engine = Engine(EngineConfig(model=tiny_model, max_new_tokens=4, page_size=16,
+                                 image_cache_mb=1.5 * rows * row_bytes / 2**20))
+    one = encode(noise_image(64, 64, seed=82))
+    try:
+        pair = engine.submit(_request(engine, [one, encode(noise_image(64, 64, seed=83))], "Compare them."))
+        single = engine.submit(_request(engine, [one], "What is shown in this image?"))
+        failed = pair.future.result(timeout=60)
+        assert failed.error is not None and "together" in failed.error and "--image-cache-mb" in failed.error
+        assert single.future.result(timeout=60).error is None
+    finally:
+        engine.close()
+    late = engine.submit(_request(engine, [one], "What?")).future.result(timeout=5)
+    assert late.error == "generate: the engine was shut down"
+
+
 def test_a_request_that_breaks_the_loop_fails_alone_and_the_others_are_answered(engine):
     images = [[encode(noise_image(*GRID_SIZES[k], seed=20 + k))] for k in range(4)]
     good = [_request(engine, imgs, "What is shown in this image?") for imgs in images]
