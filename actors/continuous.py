@@ -340,17 +340,18 @@ class ContinuousLoop:
         """Reference every image of a request in the table; False when rows must be freed first."""
         req = sub.request
         digests = req.image_digests or [None] * len(req.tiles)
-        if not sub.entries:
-            rows = sum(self.engine.spec.num_image_tokens(tuple(int(v) for v in size)) for size in req.image_sizes)
-            if rows > self.table.capacity:
-                self._fail(sub, f"generate: the request's images need {rows} image-cache rows together but the "
-                                f"cache holds {self.table.capacity} (raise --image-cache-mb)")
-                return True
+        sizes = [tuple(int(v) for v in size) for size in req.image_sizes]
+        tokens = [self.engine.spec.num_image_tokens(size) for size in sizes]
+        # One image too big for the table is the table's to refuse; several that fit only apart
+        # would each wait for rows the others hold, for ever.
+        if not sub.entries and len(tokens) > 1 and sum(tokens) > self.table.capacity:
+            self._fail(sub, f"generate: the request's images need {sum(tokens)} image-cache rows together but "
+                            f"the cache holds {self.table.capacity} (raise --image-cache-mb)")
+            return True
         for k in range(len(sub.entries), len(req.tiles)):
-            size = tuple(int(v) for v in req.image_sizes[k])
-            digest = digests[k] or self.engine.digest(req.tiles[k], size)
+            digest = digests[k] or self.engine.digest(req.tiles[k], sizes[k])
             try:
-                got = self.table.acquire(digest, self.engine.spec.num_image_tokens(size))
+                got = self.table.acquire(digest, tokens[k])
             except ValueError as exc:
                 self._fail(sub, f"generate: {exc}")
                 return True
@@ -360,7 +361,7 @@ class ContinuousLoop:
             with self._lock:
                 sub.entries.append(entry)
             if new:
-                to_encode.append((entry, req.tiles[k], size))
+                to_encode.append((entry, req.tiles[k], sizes[k]))
         return True
 
     def _encode(self, items: list[tuple[Entry, torch.Tensor, tuple[int, int]]]) -> None:
