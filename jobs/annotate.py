@@ -12,11 +12,15 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
+import signal
+import sys
 import time
 import uuid
 from typing import Any
 
 from pipeline.config import (
+    DEDUPE_MODES,
     INPUT_FORMATS,
     AnnotateConfig,
     ConfigError,
@@ -52,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
                                              "list): one output row per (id, question_index)")
     io.add_argument("--questions-column", help="manifest column holding a list of questions per row")
     io.add_argument("--keep-columns", default="", help="comma-separated manifest columns copied to the output")
+    io.add_argument("--dedupe", default=D["dedupe"], choices=DEDUPE_MODES,
+                    help="ids that repeat, or rows without one, stop the job at start (none); 'first' keeps the "
+                         "first row of each id and leaves out the rest, counted in the summary")
     io.add_argument("--limit", type=int, help="process only the first N rows")
     io.add_argument("--overwrite", action="store_true", help="replace an output that already holds results")
     io.add_argument("--resume", action="store_true", help="continue an interrupted run: skip ids already answered")
@@ -80,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--fast-decode", action="store_true",
                    help="decode big JPEGs at a reduced scale that still covers the tiles (faster; not bit-exact)")
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local or RAY_ADDRESS)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance started when no cluster is given "
+                                                "(default: the machine's)")
     return p
 
 
@@ -110,6 +119,7 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
         fetch_timeout_s=args.fetch_timeout,
         limits=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels),
         fast_decode=args.fast_decode,
+        dedupe=args.dedupe,
     )
 
 
@@ -145,15 +155,17 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         CONFIG_FILE,
         SUMMARY_FILE,
         OutputState,
+        output_schema,
         prepare_output,
         reconcile_output,
         summarize,
+        write_empty_if_none,
         write_json,
     )
 
     start = time.perf_counter()
     spec = open_input(cfg.input, cfg.input_format, cfg.id_column, cfg.image_column, cfg.keep_columns,
-                      cfg.questions_column)
+                      cfg.questions_column, cfg.dedupe)
     check_continuation(cfg)
     continuing = cfg.resume or cfg.retry_errors
     prepare_output(cfg.output, cfg.overwrite, continuing)
@@ -167,16 +179,32 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     stats_name = f"llava-job-stats-{uuid.uuid4().hex[:12]}"
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     stats = JobStats.options(name=stats_name, scheduling_strategy=here).remote()
-    ds = build_plan(cfg, spec, previous.done_ids, previous.done_pairs, stats_name)
     write_json(cfg.output, CONFIG_FILE, to_dict(cfg))
-    fs, path = filesystem(cfg.output)
-    ds.write_parquet(path, filesystem=arrow_filesystem(fs))
+    ds = None
+    if spec.rows != 0:
+        ds = build_plan(cfg, spec, previous.done_ids, previous.done_pairs, stats_name)
+        fs, path = filesystem(cfg.output)
+        # Files of at most `rows_per_file` rows, each written as soon as it fills, so a stopped run
+        # keeps its progress. The write tasks reserve no CPU: on a small machine every CPU is held by
+        # the generation actor and the CPU stage, and a write that waited for one would wait for
+        # the whole input to be prepared.
+        ds.write_parquet(path, filesystem=arrow_filesystem(fs), min_rows_per_file=cfg.rows_per_file,
+                         max_rows_per_file=cfg.rows_per_file, ray_remote_args={"num_cpus": 0})
+    schema = output_schema(spec.columns.id_type, cfg.asks_questions, spec.kept_fields())
+    if write_empty_if_none(cfg.output, schema):
+        log.info("the input had no rows to answer: wrote an empty file with the output schema")
     rows_in = spec.rows if spec.rows is not None else ray.get(stats.rows_listed.remote())
     if cfg.limit is not None:
         rows_in = min(rows_in, cfg.limit)
     summary = summarize(cfg.output, rows_in, time.perf_counter() - start, previous)
     summary["input_format"] = spec.kind
-    summary["stages"] = stage_times(ds)
+    if spec.ids is not None and not spec.ids.clean:
+        summary.update(spec.ids.counts())
+    repeated = summary["rows_out"] - summary.get("unique_pairs_out", summary["unique_ids_out"])
+    if repeated:  # only an input whose ids could not be checked before the run gets here
+        log.error("the output holds %d row(s) whose id repeats another's: the input repeats ids (fix it, or run "
+                  "with --dedupe first on an input whose ids can be checked)", repeated)
+    summary["stages"] = stage_times(ds) if ds is not None else {}
     if cfg.questions:
         summary["questions_per_row"] = len(cfg.questions)
     summary["engine"] = ray.get(stats.totals.remote()) if cfg.engine.scheduler == "continuous" else {}
@@ -185,26 +213,59 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
     return summary
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: the job stops where it is (a KeyboardInterrupt, so no `except Exception` keeps it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues an interrupted run: the same flags with --resume (not --overwrite)."""
+    args = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in args and "--retry-errors" not in args:
+        args.append("--resume")
+    return shlex.join(["python", "-m", "jobs.annotate", *args])
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
     except ConfigError as exc:
         parser().error(str(exc))
+    if args.num_cpus is not None and args.ray_address:
+        parser().error("--num-cpus sizes a local Ray instance; a cluster (--ray-address) has its own")
     log.info("configuration: %s", json.dumps(to_dict(cfg), default=str))
     import ray
 
     from pipeline.read import ManifestError
     from pipeline.write import OutputExistsError, summary_table
 
-    ray.init(address=args.ray_address, ignore_reinit_error=True, include_dashboard=False)
+    ray.init(address=args.ray_address, num_cpus=args.num_cpus, ignore_reinit_error=True, include_dashboard=False)
+    # After ray.init, which installs its own: Ctrl-C, a SIGINT that a background launch left ignored,
+    # and SIGTERM (`kill`, `ray job stop`) all stop the job the same way.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     try:
         summary = run(cfg)
     except (ManifestError, OutputExistsError) as exc:
         log.error("%s", exc)
         print(f"error: {exc}")
         return 2
+    except Interrupted as exc:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # one stop is enough; let the shutdown finish
+        print(f"stopped by {exc}; the output files written so far are kept. Continue with: {resume_command(argv)}")
+        return 128 + exc.signum
+    finally:
+        ray.shutdown()
     print(summary_table(summary))
     return 0
 

@@ -59,6 +59,7 @@ def stage_config(cfg: AnnotateConfig, spec: InputSpec) -> StageConfig:
         fetch_threads=cfg.fetch_threads,
         multi_image=columns.multi,
         status_column=spec.status_column,
+        read_error_column=spec.read_error_column,
         questions=cfg.questions,
         questions_column=columns.questions,
         fast_decode=cfg.fast_decode,
@@ -105,7 +106,7 @@ def build_plan(
     import ray
 
     columns = spec.columns
-    ds = read_input(cfg.input, spec, stats_actor)
+    ds = read_input(cfg.input, spec, stats_actor, cfg.preprocess_batch_size)
     if cfg.limit is not None:
         ds = ds.limit(cfg.limit)
     finished = finished_ids(cfg, done_ids or [], done_pairs or [])
@@ -162,6 +163,4 @@ def build_plan(
         # batch (its defaults: max_restarts=-1, max_task_retries=-1); nothing was written for
         # that batch yet, so no row is lost or doubled.
     )
-    # Files of at most `rows_per_file` rows, written as they fill: a killed run keeps its progress.
-    ds = ds.repartition(target_num_rows_per_block=cfg.rows_per_file)
     return ds

@@ -167,17 +167,24 @@ class AnnotateConfig:
     fetch_threads: int = 16
     limits: ImageLimits = field(default_factory=ImageLimits)
     fast_decode: bool = False
+    dedupe: str = "none"
 
     def __post_init__(self) -> None:
         if not self.input or not self.output:
             raise ConfigError("--input and --output are required")
         if self.input.rstrip("/") == self.output.rstrip("/"):
             raise ConfigError("--output must differ from --input")
-        if _inside(self.output, self.input):
+        if _inside(self.output, _fixed_part(self.input)):
             raise ConfigError(
                 f"--output {self.output} lies inside --input {self.input}: the next run would read its files as "
                 "input; write the output elsewhere"
             )
+        if _inside(_fixed_part(self.input), self.output):
+            raise ConfigError(
+                f"--input {self.input} lies inside --output {self.output}: --overwrite would delete it and --resume "
+                "would read it as results; write the output elsewhere"
+            )
+        _check_choice("--dedupe", self.dedupe, DEDUPE_MODES)
         _check_choice("--input-format", self.input_format, INPUT_FORMATS)
         if self.questions and self.questions_column:
             raise ConfigError("give --questions-file or --questions-column, not both")
@@ -218,10 +225,17 @@ RESERVED_COLUMNS = (
     "prompts", "questions", "tiles", "tile_counts", "image_sizes", "image_digests",
 )
 INPUT_FORMATS = ("auto", "parquet", "images", "webdataset")
+DEDUPE_MODES = ("none", "first")
 # Configuration keys that change answers: a resumed or retried run must keep them.
 ANSWER_KEYS = ("prompt", "questions", "questions_column", "engine.model", "engine.prompt_format",
                "engine.max_new_tokens", "engine.temperature", "engine.top_p", "engine.top_k", "engine.seed",
                "engine.dtype", "engine.quantization")
+
+
+def _fixed_part(path: str) -> str:
+    """A glob's folder before its first wildcard (the path itself when it has none)."""
+    cut = min((i for i in (path.find(c) for c in "*?[") if i >= 0), default=-1)
+    return path if cut < 0 else path[:cut].rsplit("/", 1)[0]
 
 
 def _inside(path: str, root: str) -> bool:

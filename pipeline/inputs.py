@@ -5,16 +5,18 @@ buckets of image files, and WebDataset tar shards (img2dataset's layouts include
 are read as before (any id and image column names; an img2dataset `status` column marks rows
 whose download failed). A folder or `s3://` prefix is listed inside the plan, page by page, so
 rows start flowing before a listing of millions of objects ends; a row's id is the file's path
-relative to the input root. WebDataset shards are read by Ray Data's own reader; a sample's id is
-its key, its image the first of `jpg`/`jpeg`/`png`/`webp`, and `--keep-columns` may name fields
-of its JSON and `txt`.
+relative to the input root. WebDataset shards are read by pipeline/webdataset.py; a sample's id is
+its key.
+
+Before any work the ids are checked (pipeline/ids.py): a Parquet manifest's id column, a shard's
+keys from img2dataset's listing or a local tar's headers. A folder's ids are paths, unique by
+construction.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob as globlib
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -23,57 +25,88 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.config import DEDUPE_MODES
+from pipeline.ids import IdCheck, Keep, check_ids, refusal
+from pipeline.read import Manifest, ManifestColumns, ManifestError, inspect_manifest, read_ids, read_manifest
 from pipeline.stats import count_listed
-from pipeline.read import ManifestColumns, ManifestError, count_rows, inspect_manifest, read_manifest
-from pipeline.storage import arrow_filesystem, filesystem
+from pipeline.storage import filesystem
+from pipeline.webdataset import READ_ERROR, Shards, find_shards, is_shard, read_webdataset, shard_keys
 
 log = logging.getLogger(__name__)
 
 INPUT_FORMATS = ("auto", "parquet", "images", "webdataset")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-WEBDATASET_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 LISTING_PAGE = 1000
 STATUS_COLUMN = "status"  # img2dataset: "success" or why the download failed
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What `open_input` decided: the kind, the columns the CPU stage reads, and (for Parquet)
-    the files and row count known before the run."""
+    """What `open_input` decided: the kind, the columns the CPU stage reads, what is known before the
+    run (a manifest's files and rows, the shards), and the id check with its keep plan (None: the
+    ids could not be checked before the run)."""
 
     kind: str
     columns: ManifestColumns
-    files: tuple[str, ...] = ()
     rows: int | None = None
     status_column: str | None = None
+    read_error_column: str | None = None
+    manifest: Manifest | None = None
+    shards: Shards | None = None
+    ids: IdCheck | None = None
+
+    @property
+    def keep(self) -> Keep:
+        return self.ids.keep if self.ids is not None else {}
+
+    def kept_fields(self) -> list[pa.Field]:
+        """The kept columns with their types (a folder's and a shard's are strings)."""
+        schema = self.manifest.schema if self.manifest is not None else None
+        return [schema.field(c) if schema is not None else pa.field(c, pa.string()) for c in self.columns.keep]
 
 
 def is_image_path(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _first_names(fs: Any, path: str, limit: int = 200) -> list[str]:
+    if globlib.has_magic(path):
+        return sorted(fs.glob(path))[:limit]
+    if fs.isdir(path):
+        names: list[str] = []
+        for folder, _, files in fs.walk(path):
+            names += [f"{folder}/{f}" for f in files]
+            if len(names) >= limit:
+                break
+        return names
+    return [path]
+
+
 def detect_format(uri: str) -> str:
-    """Parquet, images or WebDataset, from the path or the first files under it."""
+    """Parquet, images or WebDataset, from the path or the first files under it.
+
+    Tar shards win over Parquet files when each Parquet file is a shard's img2dataset listing (the
+    same name as a shard); Parquet files of their own next to shards are ambiguous.
+    """
     fs, path = filesystem(uri)
     lowered = path.lower()
     if lowered.endswith(".parquet"):
         return "parquet"
-    if lowered.endswith(".tar"):
+    if is_shard(lowered):
         return "webdataset"
-    if globlib.has_magic(path):
-        names = fs.glob(path)[:50]
-    elif fs.isdir(path):
-        names = []
-        for _, _, files in fs.walk(path):
-            names += files
-            if len(names) >= 50:
-                break
-    else:
-        names = [path]
-    if any(n.lower().endswith(".parquet") for n in names):
+    names = _first_names(fs, path)
+    parquets = [n for n in names if n.lower().endswith(".parquet")]
+    shards = {n[: -len(ext)] for n in names for ext in (".tar", ".tar.gz", ".tgz") if n.lower().endswith(ext)}
+    if shards:
+        loose = [p for p in parquets if p[: -len(".parquet")] not in shards]
+        if not loose:
+            return "webdataset"
+        raise ManifestError(
+            f"{uri} holds both WebDataset shards and Parquet files that are not their img2dataset listings "
+            f"(e.g. {loose[0].rsplit('/', 1)[-1]}); pass --input-format webdataset or parquet"
+        )
+    if parquets:
         return "parquet"
-    if any(n.lower().endswith(".tar") for n in names):
-        return "webdataset"
     if any(is_image_path(n) for n in names):
         return "images"
     raise ManifestError(
@@ -82,23 +115,40 @@ def detect_format(uri: str) -> str:
     )
 
 
+def _checked(check: IdCheck | None, dedupe: str, where: str) -> IdCheck | None:
+    """The id check, or the start-up refusal when ids repeat or are missing and --dedupe is off."""
+    if check is None or check.clean:
+        return check
+    if dedupe == "none":
+        raise ManifestError(refusal(check, where))
+    log.warning("input %s: --dedupe first leaves out %d row(s) of repeated ids and %d without an id",
+                where, check.dropped_duplicates, check.dropped_nulls)
+    return check
+
+
 def open_input(
     uri: str, kind: str, id_column: str, image_column: str | None, keep: tuple[str, ...],
-    questions_column: str | None = None,
+    questions_column: str | None = None, dedupe: str = "none",
 ) -> InputSpec:
-    """Check the input at start-up (a wrong path or column stops the job here, before any work)."""
+    """Check the input at start-up (a wrong path or column, or ids that are not unique, stop the job
+    here, before any work)."""
+    if dedupe not in DEDUPE_MODES:
+        raise ManifestError(f"--dedupe must be one of {', '.join(DEDUPE_MODES)}; got {dedupe!r}")
     if kind == "auto":
         kind = detect_format(uri)
         log.info("input %s: read as %s (--input-format auto)", uri, kind)
     if kind != "parquet" and questions_column:
         raise ManifestError(f"--questions-column needs a Parquet manifest; {uri} is read as {kind}")
     if kind == "parquet":
-        files, columns = inspect_manifest(uri, id_column, keep, image_column, questions_column)
+        manifest = inspect_manifest(uri, id_column, keep, image_column, questions_column)
+        columns = manifest.columns
         status = STATUS_COLUMN if STATUS_COLUMN in columns.available else None
         if status:
             columns = dataclasses.replace(columns, extra=(status,))
+            manifest = dataclasses.replace(manifest, columns=columns)
             log.info("input %s: rows whose %r is not 'success' are written as fetch errors", uri, status)
-        return InputSpec(kind, columns, tuple(files), count_rows(uri, files), status)
+        ids = _checked(check_ids(read_ids(uri, manifest.files, columns.id)), dedupe, uri)
+        return InputSpec(kind, columns, manifest.rows, status, manifest=manifest, ids=ids)
     fs, path = filesystem(uri)
     if not globlib.has_magic(path) and not fs.exists(path):
         raise ManifestError(f"input {uri} does not exist")
@@ -107,7 +157,17 @@ def open_input(
             raise ManifestError(f"--keep-columns {list(keep)}: a folder of images has no columns to keep")
         return InputSpec(kind, ManifestColumns("id", "image", None, ()))
     if kind == "webdataset":
-        return InputSpec(kind, ManifestColumns("id", "image", None, keep))
+        shards = find_shards(uri)
+        if not shards.files:
+            raise ManifestError(f"input {uri} holds no WebDataset shards ({', '.join(('.tar', '.tar.gz', '.tgz'))})")
+        keys = shard_keys(uri, shards)
+        if keys is None:
+            log.info("input %s: shards without an img2dataset listing on a remote store; their keys are checked "
+                     "for repeats in the summary, not before the run", uri)
+        ids = _checked(check_ids(keys) if keys is not None else None, dedupe, uri)
+        columns = ManifestColumns("id", "image", None, keep, extra=(READ_ERROR,))
+        rows = ids.rows if ids is not None and all(shards.sidecars) else None
+        return InputSpec(kind, columns, rows, read_error_column=READ_ERROR, shards=shards, ids=ids)
     raise ManifestError(f"unknown input format {kind!r}; use one of {', '.join(INPUT_FORMATS)}")
 
 
@@ -165,68 +225,16 @@ def list_images(batch: pa.Table, uri: str, stats_actor: str | None = None) -> It
         yield pa.table({"id": pa.array(ids, pa.string()), "image": pa.array([scheme + p for p in files], pa.string())})
 
 
-# ---- WebDataset shards ---------------------------------------------------------------------
-
-
-def webdataset_rows(batch: dict[str, Any], keep: tuple[str, ...], stats_actor: str | None = None) -> pa.Table:
-    """Plan stage: WebDataset samples as rows of `id`, `image` bytes and the kept JSON/txt fields."""
-    n = len(batch["__key__"])
-    count_listed(stats_actor, n)
-    images: list[bytes | None] = [None] * n
-    for key in WEBDATASET_IMAGE_KEYS:
-        if key in batch:
-            images = [img if img is not None else _bytes(v) for img, v in zip(images, batch[key])]
-    metadata = [_metadata(batch, i) for i in range(n)]
-    columns = {"id": pa.array([str(k) for k in batch["__key__"]], pa.string()), "image": pa.array(images, pa.binary())}
-    for name in keep:
-        columns[name] = pa.array([_kept_value(m.get(name)) for m in metadata], pa.string())
-    return pa.table(columns)
-
-
-def _bytes(value: Any) -> bytes | None:
-    if value is None:
-        return None
-    return bytes(value) if not isinstance(value, str) else value.encode()
-
-
-def _metadata(batch: dict[str, Any], i: int) -> dict[str, Any]:
-    """A sample's JSON fields, and its `txt` as field `txt`."""
-    out: dict[str, Any] = {}
-    raw = batch.get("json")
-    if raw is not None and raw[i] is not None:
-        try:
-            parsed = json.loads(_bytes(raw[i]))
-            if isinstance(parsed, dict):
-                out.update(parsed)
-        except ValueError:
-            pass
-    text = batch.get("txt")
-    if text is not None and text[i] is not None:
-        out["txt"] = _bytes(text[i]).decode("utf-8", "replace")
-    return out
-
-
-def _kept_value(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value)
-
-
-def read_input(uri: str, spec: InputSpec, stats_actor: str | None = None):
-    """The input as a lazy Ray Dataset of the columns the CPU stage reads; inputs listed inside
-    the plan count their rows into `stats_actor`."""
+def read_input(uri: str, spec: InputSpec, stats_actor: str | None = None, block_rows: int = 16):
+    """The input as a lazy Ray Dataset of the columns the CPU stage reads, in blocks of about
+    `block_rows`; inputs listed inside the plan count their rows into `stats_actor`."""
     import ray
 
     if spec.kind == "parquet":
-        return read_manifest(uri, list(spec.files), spec.columns)
-    if spec.kind == "images":
-        return ray.data.from_items([{"root": uri}]).map_batches(
-            list_images, fn_kwargs={"uri": uri, "stats_actor": stats_actor}, batch_size=1, batch_format="pyarrow",
-            udf_modifying_row_count=True,
-        )
-    fs, path = filesystem(uri)
-    shards = sorted(fs.glob(path)) if globlib.has_magic(path) else path
-    return ray.data.read_webdataset(shards, filesystem=arrow_filesystem(fs), decoder=None).map_batches(
-        webdataset_rows, fn_kwargs={"keep": spec.columns.keep, "stats_actor": stats_actor}, batch_format="numpy",
-        udf_modifying_row_count=False,
+        return read_manifest(uri, spec.manifest, spec.keep, block_rows)
+    if spec.kind == "webdataset":
+        return read_webdataset(uri, spec.shards, spec.columns.keep, spec.keep, block_rows, stats_actor)
+    return ray.data.from_items([{"root": uri}]).map_batches(
+        list_images, fn_kwargs={"uri": uri, "stats_actor": stats_actor}, batch_size=1, batch_format="pyarrow",
+        udf_modifying_row_count=True,
     )

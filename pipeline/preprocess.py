@@ -31,6 +31,9 @@ from pipeline.schemas import PREPARED_FIELDS, TILES
 
 # Our own pixel limit is checked before decoding; PIL's bomb guard would only duplicate it.
 Image.MAX_IMAGE_PIXELS = None
+# The formats we mean to read. Pillow can open many more, some through outside programs (EPS runs
+# Ghostscript on the file), so any other format is refused before a plugin sees the bytes.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class ImageError(ValueError):
@@ -144,7 +147,7 @@ def decode_sized(data: bytes, limits: ImageLimits = ImageLimits(), draft_for: An
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > limits.max_pixels:
                 raise ImageTooLarge(
@@ -162,7 +165,7 @@ def decode_sized(data: bytes, limits: ImageLimits = ImageLimits(), draft_for: An
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("cannot identify image file (not an image, or a format PIL cannot read)") from None
+        raise ImageError("cannot identify image file (not a JPEG, PNG, WebP, GIF, BMP or TIFF image)") from None
     except Exception as exc:  # PIL raises many types for bad files; all mean the same to a row
         raise ImageError(f"{type(exc).__name__}: {exc}") from None
     return Image.fromarray(rgb), size
@@ -268,6 +271,7 @@ class StageConfig:
     fetch_threads: int = 16
     multi_image: bool = False
     status_column: str | None = None
+    read_error_column: str | None = None
     questions: tuple[str, ...] = ()
     questions_column: str | None = None
     fast_decode: bool = False
@@ -346,8 +350,13 @@ def prepare_batch(batch: pa.Table, cfg: StageConfig) -> pa.Table:
     images = batch.column(cfg.image_column).to_pylist()
     asked = _row_questions(batch, cfg)
     statuses = batch.column(cfg.status_column).to_pylist() if cfg.status_column else [None] * len(images)
+    read_errors = batch.column(cfg.read_error_column).to_pylist() if cfg.read_error_column else [None] * len(images)
     sources, errors = [], [None] * len(images)
     for i, value in enumerate(images):
+        if read_errors[i] is not None:  # the reader already knows this row cannot be answered
+            sources.append([])
+            errors[i] = read_errors[i]
+            continue
         try:
             if statuses[i] not in (None, "success"):
                 raise FetchError(f"the download failed ({cfg.status_column}: {statuses[i]})")

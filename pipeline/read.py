@@ -7,6 +7,8 @@ pipeline/fetch.py.
 from __future__ import annotations
 
 import glob as globlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.fetch import FetchError
-from pipeline.storage import arrow_filesystem, filesystem
+from pipeline.ids import Keep, kept_rows
+from pipeline.storage import filesystem
 
 IMAGE_COLUMNS = ("image", "images")
 
@@ -96,31 +99,115 @@ def check_columns(
                            multi=multi, questions=questions_column)
 
 
+@dataclass(frozen=True)
+class Manifest:
+    """A checked Parquet manifest: its files and their row counts, the columns the job reads, and
+    the first file's schema (the types of kept columns, for an output with no rows)."""
+
+    files: tuple[str, ...]
+    rows_per_file: tuple[int, ...]
+    columns: ManifestColumns
+    schema: pa.Schema
+
+    @property
+    def rows(self) -> int:
+        return sum(self.rows_per_file)
+
+
+def _footers(fs, files: list[str]) -> list[tuple[pa.Schema, int]]:
+    """(schema, rows) of each file, from its footer, fetched in threads (stores answer slowly)."""
+
+    def one(path: str) -> tuple[pa.Schema, int]:
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+            return meta.schema.to_arrow_schema(), meta.num_rows
+
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        return list(pool.map(one, files))
+
+
+def _check_types(files: list[str], schemas: list[pa.Schema], names: list[str], where: str) -> None:
+    """Every file must carry the columns the job reads, with the first file's types: a file that
+    differs would otherwise stop the job halfway with an Arrow error."""
+    first = schemas[0]
+    problems = []
+    for name in names:
+        want = first.field(name).type
+        odd = [(f, s.field(name).type if name in s.names else None) for f, s in zip(files, schemas)]
+        odd = [(f, t) for f, t in odd if t != want]
+        if odd:
+            shown = ", ".join(f"{f.rsplit('/', 1)[-1]} ({t if t is not None else 'missing'})" for f, t in odd[:5])
+            more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
+            problems.append(f"column {name!r} is {want} in {files[0].rsplit('/', 1)[-1]} but differs in {shown}{more}")
+    if problems:
+        raise ManifestError(
+            f"manifest {where}: its files disagree: {'; '.join(problems)}. Write every file with the same columns "
+            "and types (or point --input at the files that match)"
+        )
+
+
 def inspect_manifest(
     uri: str, id_column: str, keep: tuple[str, ...], image_column: str | None = None, questions_column: str | None = None,
-) -> tuple[list[str], ManifestColumns]:
-    """The manifest's files and checked columns (from the first file's schema)."""
+) -> Manifest:
+    """The manifest's files, checked: the columns the job reads exist in every file with one type."""
     fs, _ = filesystem(uri)
     files = manifest_files(uri)
-    schema = pq.read_schema(files[0], filesystem=arrow_filesystem(fs))
-    return files, check_columns(schema, id_column, keep, uri, image_column, questions_column)
+    footers = _footers(fs, files)
+    schemas = [schema for schema, _ in footers]
+    columns = check_columns(schemas[0], id_column, keep, uri, image_column, questions_column)
+    names = columns.names + (["status"] if "status" in columns.available else [])
+    _check_types(files, schemas, list(dict.fromkeys(names)), uri)
+    return Manifest(tuple(files), tuple(rows for _, rows in footers), columns, schemas[0])
 
 
-def count_rows(uri: str, files: list[str]) -> int:
-    """Rows in the manifest, from the Parquet footers alone."""
-    fs = arrow_filesystem(filesystem(uri)[0])
-    return sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files)
+def read_ids(uri: str, files: tuple[str, ...], id_column: str) -> list[tuple[str, list]]:
+    """The id column of every file, in row order (for the start-up id check)."""
+    fs, _ = filesystem(uri)
+
+    def one(path: str) -> tuple[str, list]:
+        with fs.open(path, "rb") as f:
+            return path, pq.ParquetFile(f).read(columns=[id_column], use_threads=False).column(0).to_pylist()
+
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+        return list(pool.map(one, files))
 
 
-def read_manifest(uri: str, files: list[str], columns: ManifestColumns):
-    """The manifest as a Ray Dataset of just the needed columns."""
+def read_files(batch: pa.Table, uri: str, columns: list[str], id_column: str, keep: Keep,
+               block_rows: int) -> Iterator[pa.Table]:
+    """Plan stage: whole manifest files, in row order, as tables of at most `block_rows` rows.
+
+    One task reads one file from its start, so `keep` (see pipeline/ids.py) can leave out the
+    later rows of a duplicated id however the file's row groups are laid out.
+    """
+    fs, _ = filesystem(uri)
+    for path in batch.column("path").to_pylist():
+        plan, seen = keep.get(path), {}
+        with fs.open(path, "rb") as f:
+            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=block_rows, columns=columns,
+                                                               use_threads=False):
+                table = pa.Table.from_batches([record_batch])
+                if plan:
+                    rows = list(kept_rows(table.column(id_column).to_pylist(), plan, seen))
+                    if len(rows) < table.num_rows:
+                        table = table.take(pa.array(rows, pa.int64()))
+                if table.num_rows:
+                    yield table
+
+
+def read_manifest(uri: str, manifest: Manifest, keep: Keep | None = None, block_rows: int = 16):
+    """The manifest as a Ray Dataset of just the needed columns, one read task per file.
+
+    Tasks, not the newer Parquet datasource: its footer listing runs in helper actors that do not
+    survive the loss of their node, while a task is simply retried.
+    """
     import ray
 
-    # The newer Parquet datasource lists footers through helper actors that do not survive the
-    # loss of their node, which aborts the job; the task-based reader is retried like any task.
-    ray.data.DataContext.get_current().use_datasource_v2 = False
-    fs, _ = filesystem(uri)
-    return ray.data.read_parquet(files, filesystem=arrow_filesystem(fs), columns=columns.names)
+    files = [f for f, rows in zip(manifest.files, manifest.rows_per_file) if rows]
+    return ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files))).map_batches(
+        read_files, batch_size=1, batch_format="pyarrow", udf_modifying_row_count=True,
+        fn_kwargs={"uri": uri, "columns": manifest.columns.names, "id_column": manifest.columns.id,
+                   "keep": keep or {}, "block_rows": block_rows},
+    )
 
 
 def image_sources(value: Any, multi: bool) -> list[Any]:

@@ -15,33 +15,56 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.schemas import OUTPUT_FIELDS
-from pipeline.storage import arrow_filesystem, filesystem, join, read_parquet_file
+from pipeline.schemas import OUTPUT_FIELDS, QUESTION_FIELDS
+from pipeline.storage import arrow_filesystem, filesystem, join, read_parquet_file, write_parquet
 from pipeline.storage import write_json as write_json_file
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "_config.json"
 SUMMARY_FILE = "_summary.json"
+EMPTY_FILE = "empty.parquet"  # an input without rows still leaves a file with the output schema
 
 
 class OutputExistsError(RuntimeError):
     """The output already holds results and --overwrite was not given."""
 
 
+def _ours(name: str) -> bool:
+    """A file this job writes into its output: data files, its config and summary, set-aside
+    partial files and the temporary files of a replace."""
+    return (name.endswith(".parquet") or name in (CONFIG_FILE, SUMMARY_FILE, EMPTY_FILE)
+            or name.startswith("_partial-") or name.endswith(".parquet.tmp"))
+
+
 def prepare_output(uri: str, overwrite: bool, continuing: bool = False) -> None:
     """Refuse an output that holds anything unless told to overwrite or continue it.
 
-    Overwriting clears it; continuing (resume, retry) keeps it for `reconcile_output`.
+    Overwriting deletes only what an earlier run of this job wrote there (the output must hold its
+    `_config.json`), file by file; an output holding anything else is refused, so a mistyped
+    `--output` can never delete a manifest or someone's files. Continuing (resume, retry) keeps it
+    for `reconcile_output`.
     """
     fs, path = filesystem(uri)
-    if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)) and not continuing:
+    if fs.exists(path) and not fs.isdir(path):
+        raise OutputExistsError(f"output {uri} is a file; --output names a directory or prefix")
+    entries = fs.find(path, withdirs=False) if fs.exists(path) else []
+    if entries and not continuing:
         if not overwrite:
             raise OutputExistsError(
                 f"output {uri} already holds results; pass --overwrite to replace them, "
                 "--resume to continue them or --retry-errors to re-run their failed rows"
             )
-        fs.rm(path, recursive=True)
+        names = [e[len(path.rstrip("/")) + 1:] if e.startswith(path.rstrip("/") + "/") else e for e in entries]
+        foreign = [n for n in names if "/" in n or not _ours(n)]
+        if foreign or CONFIG_FILE not in names:
+            shown = ", ".join(foreign[:5]) if foreign else "no _config.json"
+            raise OutputExistsError(
+                f"output {uri} holds files this job did not write ({shown}{', ...' if len(foreign) > 5 else ''}); "
+                "--overwrite only replaces an earlier run's output. Choose a new or empty --output"
+            )
+        for entry in entries:
+            fs.rm_file(entry)
     fs.makedirs(path, exist_ok=True)
 
 
@@ -98,6 +121,21 @@ def reconcile_output(uri: str) -> OutputState:
             pq.write_table(kept, tmp, filesystem=afs)
             fs.mv(tmp, file)  # replace in one step: readers see the old or the new file, never half
     return state
+
+
+def output_schema(id_type: pa.DataType, questions: bool, kept: list[pa.Field]) -> pa.Schema:
+    """The schema of the output files (see schemas.py): what a reader of an empty output still sees."""
+    fields = [pa.field("id", id_type), *OUTPUT_FIELDS, *(QUESTION_FIELDS if questions else [])]
+    return pa.schema(fields + [f for f in kept if f.name != "id"])
+
+
+def write_empty_if_none(uri: str, schema: pa.Schema) -> bool:
+    """Write one file with no rows when the output holds no data file, so readers find the schema."""
+    fs, path = filesystem(uri)
+    if _data_files(fs, path):
+        return False
+    write_parquet(join(uri, EMPTY_FILE), schema.empty_table())
+    return True
 
 
 def write_json(uri: str, name: str, payload: dict[str, Any]) -> None:

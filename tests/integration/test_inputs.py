@@ -119,7 +119,7 @@ def test_webdataset_shards(where, tiny_model, ray_local, bucket, tmp_path, refer
     rows = _rows(out)
     assert summary["input_format"] == "webdataset" and summary["rows_out"] == summary["rows_in"] == 7
     assert sorted(k for k, _ in rows) == sorted([*images, "000000099"])
-    assert rows[("000000099", None)]["error"] == "fetch: null image"
+    assert rows[("000000099", None)]["error"] == "read: sample 000000099 has no image file (its fields: json)"
     for key, data in images.items():
         row = rows[(key, None)]
         assert (row["caption"], row["txt"]) == (f"caption {key}", f"text {key}")

@@ -29,3 +29,22 @@ def test_limits_and_params():
     cfg = EngineConfig(model="m", max_new_tokens=5, temperature=0.5, seed=3)
     assert SamplingParams.from_engine(cfg) == SamplingParams(5, 0.5, 1.0, 3)
     assert to_dict(cfg)["max_new_tokens"] == 5
+
+
+@pytest.mark.parametrize(
+    "input_uri, output_uri, message",
+    [
+        ("d/in.parquet", "d", "--input d/in.parquet lies inside --output d"),
+        ("s3://b/runs/in/*.parquet", "s3://b/runs", "lies inside --output"),
+        ("d", "d/out", "--output d/out lies inside --input d"),
+        ("d/*.parquet", "d/out", "lies inside --input"),
+        ("d/", "d", "must differ"),
+    ],
+)
+def test_input_and_output_must_not_hold_each_other(input_uri, output_uri, message):
+    """--overwrite clears the output and --resume reads it as results, so neither may hold the input."""
+    from pipeline.config import AnnotateConfig
+
+    with pytest.raises(ConfigError, match=message):
+        AnnotateConfig(input=input_uri, output=output_uri, engine=EngineConfig(model="m"))
+    AnnotateConfig(input="d/in.parquet", output="d2", engine=EngineConfig(model="m"))

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.inputs import detect_format, list_images, open_input, webdataset_rows
+from pipeline.inputs import detect_format, list_images, open_input
+from pipeline.webdataset import sample_row
 from pipeline.read import ManifestError
 
 
@@ -46,18 +46,13 @@ def test_a_folder_lists_as_relative_ids_a_page_at_a_time(tmp_path, monkeypatch):
 
 
 def test_a_webdataset_sample_becomes_a_row():
-    batch = {
-        "__key__": np.array(["k1", "k2"], dtype=object),
-        "png": np.array([None, b"PNG"], dtype=object),
-        "jpg": np.array([b"JPG", None], dtype=object),
-        "json": np.array([json.dumps({"caption": "a cat", "width": 9}).encode(), b"not json"], dtype=object),
-        "txt": np.array([b"hello", None], dtype=object),
-    }
-    table = webdataset_rows(batch, ("caption", "width", "txt"))
-    assert table.column("id").to_pylist() == ["k1", "k2"]
-    assert table.column("image").to_pylist() == [b"JPG", b"PNG"]
-    assert table.column("caption").to_pylist() == ["a cat", None]
-    assert table.column("width").to_pylist() == ["9", None] and table.column("txt").to_pylist() == ["hello", None]
+    fields = {"png": b"PNG", "json": json.dumps({"caption": "a cat", "width": 9}).encode(), "txt": b"hello"}
+    row = sample_row("k1", fields, ("caption", "width", "txt", "absent"))
+    assert row == {"id": "k1", "image": b"PNG", "read_error": None, "caption": "a cat", "width": "9",
+                   "txt": "hello", "absent": None}
+    assert sample_row("k2", {"jpg": b"JPG", "png": b"PNG", "json": b"not json"}, ("caption",))["image"] == b"JPG"
+    bare = sample_row("k3", {"json": b"{}"}, ())
+    assert bare["image"] is None and bare["read_error"] == "read: sample k3 has no image file (its fields: json)"
 
 
 def test_parquet_checks_and_the_download_status(tmp_path):

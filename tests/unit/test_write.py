@@ -48,8 +48,25 @@ def test_an_output_with_results_is_refused_unless_overwritten_or_continued(outpu
         prepare_output(str(output), overwrite=False)
     prepare_output(str(output), overwrite=False, continuing=True)
     assert len(read_rows(str(output))) == 3
+    (output / "_config.json").write_text("{}")
+    (output / "_partial-part-9.parquet").write_bytes(b"cut")
     prepare_output(str(output), overwrite=True)
     assert list(output.iterdir()) == []
+
+
+def test_overwrite_deletes_only_an_earlier_runs_output(output):
+    """A folder holding a manifest or anyone's files is never emptied by --overwrite (it was: the
+    manifest of `--input d/in.parquet --output d` went with it)."""
+    before = sorted(p.name for p in output.iterdir())
+    with pytest.raises(OutputExistsError, match="no _config.json"):
+        prepare_output(str(output), overwrite=True)  # Parquet files, but no run of ours wrote them
+    (output / "_config.json").write_text("{}")
+    (output / "notes.txt").write_text("mine")
+    (output / "sub").mkdir()
+    (output / "sub" / "in.parquet").write_bytes(b"a manifest")
+    with pytest.raises(OutputExistsError, match="notes.txt, sub/in.parquet"):
+        prepare_output(str(output), overwrite=True)
+    assert sorted(p.name for p in output.iterdir()) == sorted([*before, "_config.json", "notes.txt", "sub"])
 
 
 def test_reconcile_keeps_answers_drops_errors_and_sets_aside_a_cut_file(output):
