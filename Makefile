@@ -2,11 +2,13 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 TINY ?= build/tiny-model
+# Tools the tests run as a user would, each in its own environment (img2dataset pins pandas < 3).
+TOOLS ?= build/tools
 export HF_HUB_OFFLINE := 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test unit demo clean
+.PHONY: install tools test unit demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +22,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $@
 
-test: install
+tools: $(TOOLS)/.installed
+
+$(TOOLS)/.installed:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet img2dataset==1.47.0
+	touch $@
+
+test: install tools
 	$(BIN)/python -m pytest -q tests
 
 unit: install

@@ -87,8 +87,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--fast-decode", action="store_true",
                    help="decode big JPEGs at a reduced scale that still covers the tiles (faster; not bit-exact)")
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: local or RAY_ADDRESS)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance started when no cluster is given "
-                                                "(default: the machine's)")
+    p.add_argument("--num-cpus", type=int, help="start a new local Ray instance with this many CPUs (default: join "
+                                                "RAY_ADDRESS or a local cluster, else start one with the machine's)")
     return p
 
 
@@ -249,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.read import ManifestError
     from pipeline.write import OutputExistsError, summary_table
 
-    ray.init(address=args.ray_address, num_cpus=args.num_cpus, ignore_reinit_error=True, include_dashboard=False)
+    # --num-cpus asks for a new local instance of that size, never a cluster found on this machine.
+    address = "local" if args.num_cpus is not None else args.ray_address
+    ray.init(address=address, num_cpus=args.num_cpus, ignore_reinit_error=True, include_dashboard=False)
     # After ray.init, which installs its own: Ctrl-C, a SIGINT that a background launch left ignored,
     # and SIGTERM (`kill`, `ray job stop`) all stop the job the same way.
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -83,14 +83,15 @@ def find_shards(uri: str) -> Shards:
 
 
 def _sidecar_rows(fs, path: str) -> pa.Table:
-    """img2dataset's listing of one shard: key, status and (where written) error_message."""
+    """img2dataset's listing of one shard: key, status, error_message (null where not written), and
+    whatever else it recorded (url, caption, ...), which a failed download's row can keep."""
     with fs.open(path, "rb") as f:
         table = pq.ParquetFile(f).read(use_threads=False)
     if "key" not in table.column_names or "status" not in table.column_names:
         raise ValueError(f"{path} has no 'key' and 'status' columns, so it is not img2dataset's listing of its shard")
     if "error_message" not in table.column_names:
         table = table.append_column("error_message", pa.nulls(table.num_rows, pa.string()))
-    return table.select(["key", "status", "error_message"])
+    return table
 
 
 def shard_keys(uri: str, shards: Shards) -> list[tuple[str, list]] | None:
@@ -199,10 +200,10 @@ def _shard_rows(fs, shard: str, sidecar: str | None, root: str, keep: tuple[str,
                     yield {"id": key, "image": None, READ_ERROR: error, **{k: None for k in keep}}
     if listing is not None:
         failed = listing.filter(pc.invert(pc.equal(listing.column("status"), "success")))
-        for key, status, message in zip(*(failed.column(c).to_pylist() for c in ("key", "status", "error_message"))):
-            detail = f"{status}: {message}" if message else status
-            yield {"id": key, "image": None, READ_ERROR: f"fetch: the download failed (status: {detail})",
-                   **{k: None for k in keep}}
+        for row in failed.to_pylist():
+            detail = f"{row['status']}: {row['error_message']}" if row["error_message"] else row["status"]
+            yield {"id": row["key"], "image": None, READ_ERROR: f"fetch: the download failed (status: {detail})",
+                   **{k: _kept_value(row.get(k)) for k in keep}}
 
 
 def _table(rows: list[dict[str, Any]], keep: tuple[str, ...]) -> pa.Table:

@@ -130,8 +130,9 @@ def serve_image(payload: bytes):
     return server
 
 
-def kill_after_first_file(args: list[str], out, log_path) -> None:
-    """Run `python -m jobs.annotate ARGS` and SIGKILL it once its first output file is complete."""
+def kill_after_first_file(args: list[str], out, log_path, sig: int | None = None) -> int:
+    """Run `python -m jobs.annotate ARGS`, send it `sig` (SIGKILL by default) once its first output
+    file is complete, and return its exit status."""
     import os
     import signal
     import subprocess
@@ -146,5 +147,5 @@ def kill_after_first_file(args: list[str], out, log_path) -> None:
         assert driver.poll() is None, open(log_path).read()[-3000:]
         assert time.monotonic() < deadline, "no output file was completed"
         time.sleep(0.05)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
+    os.kill(driver.pid, signal.SIGKILL if sig is None else sig)
+    return driver.wait(timeout=120)
