@@ -220,6 +220,7 @@ class ContinuousLoop:
             self.counters.requests += 1
         try:
             ids, n_image = self.engine.tokenize(request)
+            params = self.engine.fit(len(ids), params)  # an answer never runs past the context
             if len(ids) + params.max_new_tokens > self.capacity_tokens:
                 raise ValueError(
                     f"the request needs {len(ids) + params.max_new_tokens} tokens of KV cache but it holds "

@@ -13,6 +13,7 @@ configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -77,6 +78,30 @@ def expand_images(prompt: str, image_sizes: list, spec: AnyresSpec) -> tuple[str
     return pieces[0] + "".join(prompts.IMAGE_TOKEN * n + p for n, p in zip(counts, pieces[1:])), sum(counts)
 
 
+def expand_image_ids(ids: list[int], image_token_id: int, image_sizes: list, spec: AnyresSpec) -> tuple[list[int], int]:
+    """Token ids with each image token repeated as many times as its image has tokens, and their total.
+
+    The same ids as tokenising the prompt with its placeholders repeated (each placeholder is one
+    special token, which the tokenizer splits off on its own either way).
+    """
+    found = sum(1 for t in ids if t == image_token_id)
+    if found != len(image_sizes):
+        raise prompts.PromptError(
+            f"the prompt has {found} {prompts.IMAGE_TOKEN} placeholders but the row has {len(image_sizes)} images"
+        )
+    counts = iter(spec.num_image_tokens(tuple(int(v) for v in s)) for s in image_sizes)
+    out: list[int] = []
+    total = 0
+    for t in ids:
+        if t == image_token_id:
+            n = next(counts)
+            out += [t] * n
+            total += n
+        else:
+            out.append(t)
+    return out, total
+
+
 def normalise_tiles(tiles: list[np.ndarray], mean: torch.Tensor, std: torch.Tensor, device: torch.device,
                     dtype: torch.dtype) -> torch.Tensor:
     """uint8 tiles of every image -> normalised `(images, max_tiles, 3, crop, crop)` on `device`.
@@ -120,6 +145,9 @@ class Engine:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.eos_ids = self._eos_ids()
+        # Strings the tokenizer turns into control ids; typed by a client, they are text (see `tokenize_chat`).
+        specials = {i: t.content for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+        self.special_ids, self.special_strings = frozenset(specials), tuple(specials.values())
         self.formatter = prompts.Formatter.from_processor(
             self.processor, getattr(self.model.config.text_config, "model_type", None), cfg.prompt_format
         )
@@ -177,11 +205,46 @@ class Engine:
         """
         if len(request.tiles) != len(request.image_sizes):
             raise prompts.PromptError(f"the row has {len(request.tiles)} tiled images but {len(request.image_sizes)} sizes")
-        text, image_tokens = expand_images(request.prompt, request.image_sizes, self.spec)
-        ids = self.tokenizer(text)["input_ids"]
+        if request.prompt_ids is not None:
+            ids, image_tokens = expand_image_ids(request.prompt_ids, self.image_token_id, request.image_sizes, self.spec)
+        else:
+            text, image_tokens = expand_images(request.prompt, request.image_sizes, self.spec)
+            ids = self.tokenizer(text)["input_ids"]
         if len(ids) >= self.context:
             raise ValueError(f"the prompt is {len(ids)} tokens, over the model's context of {self.context}")
         return ids, image_tokens
+
+    def tokenize_chat(self, messages: list[prompts.Message]) -> tuple[str, list[int]]:
+        """The prompt of a client's conversation and its ids, one image token per image (raises PromptError).
+
+        What a client types is text: a special token's string in a message (`</s>`, `<image>`) is
+        tokenised as the characters it is, never as the control id, so a client cannot end a turn,
+        forge a system prompt or add an image placeholder. Without such strings the ids are exactly
+        those of the rendered prompt.
+        """
+        text, spans = self.formatter.conversation_literal(messages, self.special_strings)
+        if not spans:
+            return text, self.tokenizer(text)["input_ids"]
+        encoded = self.tokenizer(text, return_offsets_mapping=True)
+        literal = set(spans)
+        ids: list[int] = []
+        for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+            if token in self.special_ids and (start, end) in literal:
+                ids += self.tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            else:
+                ids.append(token)
+        return text, ids
+
+    def max_char_tokens(self) -> int:
+        """The most characters one token stands for: a text of N characters has at least N / this tokens."""
+        return max(1, max(len(t) for t in self.tokenizer.get_vocab()))
+
+    def fit(self, prompt_tokens: int, params: SamplingParams) -> SamplingParams:
+        """The request's options with its answer cut to what the context leaves after the prompt."""
+        room = self.context - prompt_tokens
+        if params.max_new_tokens <= room:
+            return params
+        return dataclasses.replace(params, max_new_tokens=max(1, room))
 
     # ---- images -----------------------------------------------------------------------------
 
@@ -216,6 +279,10 @@ class Engine:
             raise RuntimeError("submit needs the continuous scheduler")
         return self.loop.submit(request, on_update)
 
+    def kv_capacity_tokens(self) -> int | None:
+        """Tokens the continuous loop's KV cache holds (None under the static scheduler)."""
+        return self.loop.capacity_tokens if self.loop is not None else None
+
     def stats(self) -> dict[str, int]:
         """The continuous loop's counters (empty under the static scheduler)."""
         return self.loop.stats() if self.loop is not None else {}
@@ -235,7 +302,7 @@ class Engine:
                 results[i].error = f"prompt: {exc}"
                 continue
             results[i].num_input_tokens, results[i].num_image_tokens = len(ids), n_image
-            groups[req.params or self.default_params()].append((i, ids))
+            groups[self.fit(len(ids), req.params or self.default_params())].append((i, ids))
         for params, members in groups.items():
             self._generate_split(params, members, requests, results)
         return results

@@ -59,7 +59,12 @@ def bad_request(message: str, code: str = "invalid_value") -> ApiError:
 
 @dataclass
 class ChatRequest:
-    """A checked chat request: messages in the internal shape, image URLs in placeholder order."""
+    """A checked chat request: messages in the internal shape, image URLs in placeholder order.
+
+    `max_tokens_given` says the client chose the answer's length (so a prompt that leaves no room
+    for it is refused rather than cut); `text_chars` counts the characters of every text part, for
+    checks that can refuse a huge prompt before it is tokenised.
+    """
 
     messages: list[dict]
     image_urls: list[str]
@@ -67,6 +72,8 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     model: str | None = None
+    max_tokens_given: bool = False
+    text_chars: int = 0
     request_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
 
 
@@ -86,6 +93,15 @@ def _field(body: dict, name: str, check: Callable[[Any], bool], expected: str) -
     return value
 
 
+def _text(value: str, where: str) -> str:
+    """Client text, refused when it is not valid Unicode (JSON lets a lone surrogate through)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(f"{where} is not valid Unicode text (it holds a lone surrogate)", "invalid_text") from None
+    return value
+
+
 def _parse_part(part: Any, where: str) -> tuple[dict, str | None]:
     """One OpenAI content part -> an internal part and, for images, the image's URL."""
     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
@@ -93,7 +109,7 @@ def _parse_part(part: Any, where: str) -> tuple[dict, str | None]:
     if part["type"] == "text":
         if not isinstance(part.get("text"), str):
             raise bad_request(f"{where}.text must be a string", "invalid_type")
-        return {"type": "text", "text": part["text"]}, None
+        return {"type": "text", "text": _text(part["text"], f"{where}.text")}, None
     if part["type"] == "image_url":
         image = part.get("image_url")
         url = image.get("url") if isinstance(image, dict) else image
@@ -123,7 +139,7 @@ def parse_messages(raw: Any) -> tuple[list[dict], list[str]]:
             raise bad_request(f"{where}: tool calls are not supported", "unsupported_parameter")
         content = message.get("content")
         if isinstance(content, str):
-            parts = [{"type": "text", "text": content}]
+            parts = [{"type": "text", "text": _text(content, f"{where}.content")}]
         elif isinstance(content, list):
             parts = []
             for j, raw_part in enumerate(content):
@@ -192,9 +208,11 @@ def parse_chat_request(body: Any, default_max_tokens: int, max_images: int | Non
         temperature=float(temperature or 0.0),
         top_p=float(top_p if top_p is not None else 1.0),
         seed=seed,
-        stop=_parse_stop(body.get("stop")),
+        stop=tuple(_text(s, "stop") for s in _parse_stop(body.get("stop"))),
     )
-    return ChatRequest(messages, urls, params, stream, bool(stream_options.get("include_usage")), model)
+    chars = sum(len(p["text"]) for m in messages for p in m["content"] if p["type"] == "text")
+    return ChatRequest(messages, urls, params, stream, bool(stream_options.get("include_usage")), model,
+                       max_tokens is not None, chars)
 
 
 # ---- replies --------------------------------------------------------------------------------
@@ -286,8 +304,24 @@ def sse_events(request: ChatRequest, model: str, result: GenerationResult, delta
     return [chunks.role(), *(chunks.content(piece) for piece in deltas), *chunks.end(result)]
 
 
-def engine_error(error: str) -> ApiError:
+def internal_error(request_id: str) -> ApiError:
+    """A failure of ours: the client learns it happened and how to find it in the log, not its details."""
+    return ApiError(500, f"the server failed on this request; its log has the details (request {request_id})",
+                    "server_error", "internal_error")
+
+
+def engine_error(error: str, request_id: str) -> ApiError:
     """An engine row error as an API error: prompt problems are the client's, the rest are ours."""
     if error.startswith("prompt:"):
         return bad_request(error.removeprefix("prompt:").strip(), "invalid_prompt")
-    return ApiError(500, error, "server_error", "generation_failed")
+    return ApiError(500, f"generating the answer failed; the server's log has the details (request {request_id})",
+                    "server_error", "generation_failed")
+
+
+def context_error(prompt_tokens: int, max_tokens: int, context: int) -> ApiError:
+    """A prompt that, with the answer asked for, does not fit the model's context (vLLM's wording)."""
+    return bad_request(
+        f"This model's maximum context length is {context} tokens. However, you requested "
+        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). "
+        "Please reduce the length of the messages or completion.", "context_length_exceeded",
+    )

@@ -37,7 +37,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve import metrics
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from actors import chat as chat_text
 from actors import openai_api as api
 from actors.engine import Engine
 from actors.image_policy import ImagePolicy, Refusal, prepare_image
@@ -54,12 +56,18 @@ RETRY_AFTER_S = 1
 
 @dataclass
 class BatchStats:
-    """Counts of the static scheduler's batches, so clients and tests can see batching happen."""
+    """Counts of the replica's requests by outcome, of the images it prepared, and of the static
+    scheduler's batches, so operators and tests can see what happened."""
 
     requests: int = 0
     batches: int = 0
     max_batch_size: int = 0
     batch_sizes: dict[int, int] = dataclasses.field(default_factory=dict)
+    requests_by_status: dict[str, int] = dataclasses.field(default_factory=dict)
+    images_prepared: int = 0
+
+    def outcome(self, status: str) -> None:
+        self.requests_by_status[status] = self.requests_by_status.get(status, 0) + 1
 
     def record(self, size: int) -> None:
         self.requests += size
@@ -94,7 +102,8 @@ app = FastAPI(title="LLaVA-NeXT", docs_url=None, redoc_url=None, openapi_url=Non
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """Unknown routes and methods answer in the OpenAI error shape too."""
-    return error_response(api.ApiError(exc.status_code, str(exc.detail), "invalid_request_error", "not_found"))
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(api.ApiError(exc.status_code, str(exc.detail), "invalid_request_error", code))
 
 
 @serve.deployment
@@ -118,6 +127,8 @@ class LlavaNextServer:
         self._admitted = 0
         # Static scheduler: one thread runs the model, so the event loop keeps taking requests.
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        # Parsing and tokenising grow with the body: never on the event loop.
+        self._text_pool = ThreadPoolExecutor(2, thread_name_prefix="text")
         self._generate_batch.set_max_batch_size(options.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(options.batch_wait_ms / 1000.0)
         self._requests = metrics.Counter("llava_requests", "Chat requests by HTTP status.", tag_keys=("status",))
@@ -161,19 +172,31 @@ class LlavaNextServer:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
+        """Key, then the whole body under one deadline, then admission: a client that sends its body
+        slowly, or no key, never holds a slot another client could use."""
+        start = time.perf_counter()
+        try:
+            self._authorize(request)
+            raw = await self._read_body(request)
+        except api.ApiError as exc:
+            return self._refuse(exc, start)
+        except ClientDisconnect:
+            self._requests.inc(tags={"status": "cancelled"})
+            self.stats.outcome("cancelled")
+            log.info("the client left while sending its request body")
+            return Response(status_code=499)
         bound = admission_bound(self.options)
         if bound is not None and self._admitted >= bound:
-            self._requests.inc(tags={"status": "503"})
-            return error_response(api.ApiError(
+            return self._refuse(api.ApiError(
                 503, f"the server is busy: {self._admitted} requests running or queued; retry later",
                 "server_error", "queue_full",
-            ))
+            ), start)
         self._admitted += 1
         handed_over = False
         try:
             await self._running.acquire()
             try:
-                response = await self._chat_completions(request)
+                response = await self._chat_completions(raw, start)
                 # A live stream keeps its slot until it ends (see `_stream`).
                 handed_over = isinstance(response, StreamingResponse) and self.engine.loop is not None
                 return response
@@ -189,38 +212,51 @@ class LlavaNextServer:
         self._running.release()
         self._admitted -= 1
 
-    async def _chat_completions(self, request: Request) -> Response:
-        start = time.perf_counter()
+    def _refuse(self, exc: api.ApiError, start: float) -> JSONResponse:
+        self._observe(exc.status, start)
+        log.info("request refused with %d: %s", exc.status, exc.message)
+        return error_response(exc)
+
+    async def _generation(self, raw: bytes) -> tuple[api.ChatRequest, GenerationRequest]:
+        """The engine request for a body: text work in a thread, images in the preparation pool
+        (each distinct image once), lengths checked before anything is sent."""
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(
+            self._text_pool, chat_text.prepare_text, self.engine, raw, self.options.engine.max_new_tokens,
+            self.options.max_images_per_request, (self.engine.model_name, self.options.model),
+        )
+        chat = prepared.chat
+        distinct = list(dict.fromkeys(chat.image_urls))
+        ready = dict(zip(distinct, await asyncio.gather(*(self._prepare(url) for url in distinct))))
+        images = [ready[url] for url in chat.image_urls]
+        generation = GenerationRequest(prepared.prompt, [i.tiles for i in images], [i.size for i in images], None,
+                                       [i.digest for i in images], prompt_ids=prepared.prompt_ids)
         try:
-            self._authorize(request)
-            chat = api.parse_chat_request(
-                await self._read_json(request), self.options.engine.max_new_tokens, self.options.max_images_per_request,
-            )
-            if chat.model not in (None, self.engine.model_name, self.options.model):
-                raise api.ApiError(
-                    404, f"model {chat.model!r} is not served here; use {self.engine.model_name!r}",
-                    code="model_not_found",
-                )
-            prompt = self._render(chat.messages)
-            images = await asyncio.gather(*(self._prepare(url) for url in chat.image_urls))
-            generation = GenerationRequest(
-                prompt, [i.tiles for i in images], [i.size for i in images], chat.params, [i.digest for i in images],
-            )
+            ids, _ = self.engine.tokenize(generation)
+        except ValueError as exc:
+            raise api.bad_request(str(exc), "context_length_exceeded") from None
+        generation.params = chat_text.fit_lengths(chat, len(ids), self.engine.context, self.engine.kv_capacity_tokens())
+        return chat, generation
+
+    async def _chat_completions(self, raw: bytes, start: float) -> Response:
+        chat = None
+        try:
+            chat, generation = await self._generation(raw)
             if self.engine.loop is not None and chat.stream:
                 return StreamingResponse(await self._started(self._stream(chat, generation, start)),
                                          media_type="text/event-stream")
             result = await (self._answer(generation) if self.engine.loop is not None
                             else self._generate_batch(generation))
             if result.error is not None:
-                raise api.engine_error(result.error)
+                log.error("request %s failed in the engine: %s", chat.request_id, result.error)
+                raise api.engine_error(result.error, chat.request_id)
         except api.ApiError as exc:
-            self._observe(exc.status, start)
-            log.info("request refused with %d: %s", exc.status, exc.message)
-            return error_response(exc)
-        except Exception as exc:  # whatever goes wrong, this request fails alone and the replica lives
+            return self._refuse(exc, start)
+        except Exception:  # whatever goes wrong, this request fails alone and the replica lives
+            request_id = chat.request_id if chat is not None else "-"
+            log.exception("request %s failed", request_id)
             self._observe(500, start)
-            log.exception("request failed")
-            return error_response(api.ApiError(500, f"{type(exc).__name__}: {exc}", "server_error", "internal_error"))
+            return error_response(api.internal_error(request_id))
         self._log_done(chat, result, start)
         model = self.engine.model_name
         if not chat.stream:
@@ -261,6 +297,11 @@ class LlavaNextServer:
 
         submission = self.engine.submit(generation, on_update)
         submission.future.add_done_callback(lambda _: loop.call_soon_threadsafe(updates.put_nowait, None))
+        if submission.future.done() and submission.future.result().error is not None:
+            # Refused at submission: an error reply instead of a stream (the caller frees the slot).
+            error = submission.future.result().error
+            log.error("request %s failed in the engine: %s", chat.request_id, error)
+            raise api.engine_error(error, chat.request_id)
         chunks = api.Chunks(chat, self.engine.model_name)
         sent = ""
         try:
@@ -282,9 +323,11 @@ class LlavaNextServer:
                     last = loop.time()
             result = submission.future.result()
             if result.error is not None:
-                error = api.engine_error(result.error)
+                log.error("request %s failed in the engine: %s", chat.request_id, result.error)
+                error = api.engine_error(result.error, chat.request_id)
                 self._observe(error.status, start)
                 yield f"data: {json.dumps(error.body())}\n\n"
+                yield "data: [DONE]\n\n"
                 return
             if len(result.response) > len(sent) and result.response.startswith(sent):
                 yield chunks.content(result.response[len(sent):])
@@ -313,6 +356,7 @@ class LlavaNextServer:
 
     async def _prepare(self, url: str) -> PreparedImage:
         """One image through the preparation pool; a refusal becomes the matching API error."""
+        self.stats.images_prepared += 1
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(
             self._pool, prepare_image, url, self.policy, self.engine.spec, self.options.limits,
@@ -339,30 +383,25 @@ class LlavaNextServer:
             raise api.ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                                "authentication_error", "invalid_api_key")
 
-    async def _read_json(self, request: Request) -> Any:
-        """The body as JSON, read no further than the body limit."""
+    async def _read_body(self, request: Request) -> bytes:
+        """The whole body, within the body limit and `body_timeout_s` for all of it."""
         limit = self.options.max_body_bytes
         too_large = api.ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise too_large
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
         try:
-            return json.loads(b"".join(chunks))
-        except ValueError as exc:
-            raise api.bad_request(f"the body is not valid JSON: {exc}", "invalid_json") from None
-
-    def _render(self, messages: list[dict]) -> str:
-        """The prompt for a conversation; any failure to render depends on the request alone, so is a 400."""
-        try:
-            return self.engine.render(messages)
-        except Exception as exc:
-            raise api.bad_request(f"cannot build the prompt: {exc}", "invalid_prompt") from None
+            async with asyncio.timeout(self.options.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise api.ApiError(408, f"the request body did not arrive within {self.options.body_timeout_s:g} s",
+                               code="body_timeout") from None
+        return b"".join(chunks)
 
     def _log_done(self, chat: api.ChatRequest, result: GenerationResult, start: float) -> None:
         ms = self._observe(200, start) if not chat.stream or self.engine.loop is None else None
@@ -375,6 +414,7 @@ class LlavaNextServer:
     def _observe(self, status: int, start: float) -> float:
         ms = (time.perf_counter() - start) * 1000.0
         self._requests.inc(tags={"status": str(status)})
+        self.stats.outcome(str(status))
         self._latency.observe(ms)
         return ms
 

@@ -8,6 +8,8 @@ render the same input. Every image part becomes one `<image>` placeholder.
 
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass
 from typing import Callable
 
@@ -196,6 +198,53 @@ def format_question(
     return render(messages, fmt_name, apply_template)
 
 
+def mark_literals(messages: list[Message], literals: tuple[str, ...]) -> tuple[list[Message], dict[str, str]]:
+    """Copies of `messages` whose text has each occurrence of a `literals` string (a tokenizer's
+    special tokens, the image placeholder) replaced by a marker no client can type, and the map
+    from markers back to the strings. The format then cannot mistake client text for its own."""
+    if not literals:
+        return messages, {}
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(set(literals), key=len, reverse=True)))
+    nonce = secrets.token_hex(6)
+    markers: dict[str, str] = {}
+
+    def mark(match: re.Match) -> str:
+        marker = f"\ue000{nonce}:{len(markers)}\ue001"
+        markers[marker] = match.group(0)
+        return marker
+
+    def text(value: str) -> str:
+        return pattern.sub(mark, value)
+
+    marked = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            content = text(content)
+        else:
+            content = [{**p, "text": text(p["text"])} if p["type"] == "text" else p for p in content]
+        marked.append({**message, "content": content})
+    return marked, markers
+
+
+def restore_literals(text: str, markers: dict[str, str]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered prompt with the marked strings put back, and the (start, end) of each in it."""
+    if not markers:
+        return text, []
+    pieces: list[str] = []
+    spans: list[tuple[int, int]] = []
+    length, pos = 0, 0
+    for match in re.finditer("|".join(re.escape(m) for m in markers), text):
+        before = text[pos:match.start()]
+        original = markers[match.group(0)]
+        pieces += [before, original]
+        spans.append((length + len(before), length + len(before) + len(original)))
+        length += len(before) + len(original)
+        pos = match.end()
+    pieces.append(text[pos:])
+    return "".join(pieces), spans
+
+
 @dataclass(frozen=True)
 class Formatter:
     """A checkpoint's resolved prompt format, shared by the CPU stage, the engine and Serve."""
@@ -226,3 +275,10 @@ class Formatter:
     def conversation(self, messages: list[Message]) -> str:
         """Format a whole conversation (raises PromptError)."""
         return render(messages, self.fmt, self.apply_template)
+
+    def conversation_literal(self, messages: list[Message], literals: tuple[str, ...]
+                             ) -> tuple[str, list[tuple[int, int]]]:
+        """Format a conversation in which the `literals` strings typed in its text are plain text:
+        the prompt, and the spans of those strings in it (for the tokenizer to treat as text)."""
+        marked, markers = mark_literals(messages, literals)
+        return restore_literals(render(marked, self.fmt, self.apply_template), markers)

@@ -58,7 +58,8 @@ class GenerationRequest:
     `tiles[i]` is `(num_tiles, 3, crop, crop)` uint8 for image i and `image_sizes[i]` its
     upright (height, width); rows may differ in image and tile counts. `image_digests[i]`
     (optional; computed by the engine when missing) names image i's tiles and size, so the
-    engine encodes an image once however many requests show it.
+    engine encodes an image once however many requests show it. `prompt_ids` (optional) are the
+    prompt already tokenised, one image token per image (the endpoint tokenises off its event loop).
     """
 
     prompt: str
@@ -66,6 +67,7 @@ class GenerationRequest:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     params: SamplingParams | None = None
     image_digests: list[str] | None = None
+    prompt_ids: list[int] | None = None
 
 
 @dataclass

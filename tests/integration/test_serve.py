@@ -66,7 +66,7 @@ def server(ray_local, tiny_model):
     args = {
         "model": tiny_model, "max_new_tokens": MAX_TOKENS, "api_key": API_KEY, "gpus_per_replica": 0,
         "max_ongoing_requests": CONCURRENT, "max_queued_requests": 32, "page_size": 16, "prepare_workers": 1,
-        "max_image_bytes": 1_000_000, "max_image_pixels": 1_000_000, "max_body_bytes": 3_000_000,
+        "max_image_bytes": 1_000_000, "max_image_pixels": 1_000_000, "max_body_bytes": 3_000_000, "body_timeout_s": 3,
         "allow_remote_images": True, "allow_s3_prefixes": "s3://serve-images/public/",
     }
     serve.run(build_app(args), name="llava-test", route_prefix="/")
@@ -197,6 +197,9 @@ def urls() -> dict[str, str]:
     }
 
 
+# A minimal Encapsulated PostScript file: Pillow would hand it to Ghostscript to decode.
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
 # name -> (body from the urls, API key to send, expected status)
 ERROR_CASES = {
     "malformed json": (lambda u: b'{"messages": [', API_KEY, 400),
@@ -206,7 +209,18 @@ ERROR_CASES = {
         lambda u: _chat("data:image/png;base64," + base64.b64encode(b"not an image").decode()), API_KEY, 400
     ),
     "invalid base64": (lambda u: _chat("data:image/png;base64,@@@"), API_KEY, 400),
-    "placeholder mismatch": (lambda u: _chat(u["good"], text="<image> and <image>?"), API_KEY, 400),
+    "lone surrogate": (lambda u: b'{"messages": [{"role": "user", "content": "a\\ud800"}]}', API_KEY, 400),
+    "json nested 5,000 deep": (
+        lambda u: b'{"ignored": ' + b"[" * 5000 + b"]" * 5000 + b', "messages": [{"role": "user", "content": "hi"}]}',
+        API_KEY, 400,
+    ),
+    "postscript image": (
+        lambda u: _chat("data:application/postscript;base64," + base64.b64encode(EPS).decode()), API_KEY, 400
+    ),
+    "max_tokens past the context": (lambda u: _chat(max_tokens=40000), API_KEY, 400),
+    "max_tokens of 10^9": (lambda u: _chat(max_tokens=10**9), API_KEY, 400),
+    "streamed max_tokens past the context": (lambda u: _chat(max_tokens=40000, stream=True), API_KEY, 400),
+    "a text longer than the context can hold": (lambda u: _chat(text="x" * 2_900_000), API_KEY, 400),
     "n > 1": (lambda u: _chat(n=2), API_KEY, 400),
     "tools": (lambda u: _chat(tools=[{"type": "function", "function": {"name": "f"}}]), API_KEY, 400),
     "logprobs": (lambda u: _chat(logprobs=True), API_KEY, 400),
@@ -229,6 +243,7 @@ def test_errors_are_openai_shaped_and_harmless(server, urls, case):
     error = json.loads(text)["error"]
     assert isinstance(error["message"], str) and error["message"]
     assert isinstance(error["type"], str) and "code" in error
+    assert "Traceback" not in text and "Error:" not in text  # no exception of ours reaches a client
     assert _post(server, _chat(urls["good"]))[0] == 200
 
 
@@ -292,3 +307,108 @@ def test_the_default_served_model_names_shapes_and_colours(shapes_client):
             answer = reply.choices[0].message.content
             right[kind] += synthetic.is_correct(kind, answer, sample.shape, sample.colour)
     assert right["shape"] >= len(seeds) - 1 and right["colour"] == len(seeds), right
+
+
+# ---- a hostile client ---------------------------------------------------------------------
+
+
+def _open_body(server: str, sent: bytes, length: int, key: str | None = API_KEY) -> socket.socket:
+    """A POST whose headers promise `length` bytes of body, of which only `sent` are sent."""
+    host, port = server.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n")
+    sock.sendall(head.encode() + sent)
+    return sock
+
+
+def _timed(fn) -> tuple[object, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def test_slow_bodies_take_no_admission_slot_and_time_out(server, urls):
+    """60 sockets that send `{` and stall (more than the 48 requests the replica admits): the others
+    are answered meanwhile, and each stalled one gets a 408 once its 3 s are up. One without a key
+    is turned away at once."""
+    stalled = [_open_body(server, b"{", 1000) for _ in range(60)]
+    try:
+        time.sleep(1.0)
+        (health, _), health_s = _timed(lambda: http(f"{server}/health"))
+        assert health == 200 and health_s < 1.0, health_s
+        assert _post(server, _chat(urls["good"]))[0] == 200
+        anonymous = _open_body(server, b"{", 1000, key=None)
+        assert anonymous.recv(4096).startswith(b"HTTP/1.1 401")
+        anonymous.close()
+        assert stalled[0].recv(4096).startswith(b"HTTP/1.1 408")
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_huge_text_is_refused_while_the_endpoint_keeps_answering(server, client, model_id, urls):
+    """2.9 MB of text (a 5 MB one took 14.6 s on the event loop and stalled every other client)."""
+    with ThreadPoolExecutor(1) as pool:
+        huge = pool.submit(_post, server, _chat(text="x " * 1_450_000))
+        time.sleep(0.05)
+        (health, _), health_s = _timed(lambda: http(f"{server}/health"))
+        normal = _post(server, _chat(urls["good"]))
+        status, body = huge.result()
+    assert (status, json.loads(body)["error"]["code"]) == (400, "context_length_exceeded")
+    assert health == 200 and health_s < 1.0 and normal[0] == 200
+
+
+def test_a_client_that_leaves_while_sending_is_a_cancel_not_a_500(server):
+    def counts() -> dict:
+        return json.loads(http(f"{server}/v1/stats")[1])["requests_by_status"]
+
+    before = counts()
+    sock = _open_body(server, b'{"messages": [', 1000)
+    time.sleep(0.5)
+    sock.close()
+    deadline = time.monotonic() + 20
+    while counts().get("cancelled", 0) <= before.get("cancelled", 0):
+        assert time.monotonic() < deadline, counts()
+        time.sleep(0.2)
+    assert counts().get("500", 0) == before.get("500", 0)
+
+
+def test_special_token_strings_in_client_text_are_text(client, model_id, server):
+    """`</s>` typed three times used to be three end-of-sequence ids; `<image>` typed with one image
+    made a placeholder mismatch. Both are characters like any others now."""
+    def ask_tokens(text: str) -> int:
+        reply = client.chat.completions.create(model=model_id, max_tokens=2, messages=[{"role": "user", "content": text}])
+        return reply.usage.prompt_tokens
+
+    base, typed = ask_tokens("x"), ask_tokens("x</s></s></s>")
+    assert typed - base > 3, "each </s> is several text tokens, not one control id"
+    image = noise_image(30, 30, seed=9)
+    status, body = _post(server, _chat(data_url(image), text="<image> and <image>?"))
+    assert status == 200, body
+
+
+def test_a_tiny_temperature_is_greedy(client, model_id):
+    messages = image_question(noise_image(40, 30, seed=11))
+    greedy = ask(client, model_id, messages).choices[0].message.content
+    tiny = client.chat.completions.create(model=model_id, messages=messages, max_tokens=MAX_TOKENS,
+                                          temperature=1e-40).choices[0].message.content
+    assert tiny == greedy and tiny
+
+
+def test_identical_images_in_a_request_are_prepared_once(server, client, model_id, expected):
+    image = noise_image(44, 28, seed=12)
+    part = {"type": "image_url", "image_url": {"url": data_url(image)}}
+    messages = [{"role": "user", "content": [part, part, part, {"type": "text", "text": "Three?"}]}]
+    before = json.loads(http(f"{server}/v1/stats")[1])["images_prepared"]
+    answer = ask(client, model_id, messages).choices[0].message.content
+    after = json.loads(http(f"{server}/v1/stats")[1])["images_prepared"]
+    assert after - before == 1 and answer == expected(messages, [image, image, image])
+
+
+def test_a_wrong_method_is_a_405_that_says_so(server):
+    request = urllib.request.Request(f"{server}/v1/chat/completions", method="GET")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=30)
+    assert info.value.code == 405 and json.loads(info.value.read())["error"]["code"] == "method_not_allowed"

@@ -135,13 +135,29 @@ def test_tokens_stream_while_generating_and_a_cancel_frees_the_slot(engine):
     assert engine.stats()["running"] == 0
 
 
-def test_a_request_the_cache_cannot_hold_fails_alone(engine):
+def test_a_request_the_cache_cannot_hold_fails_alone(tiny_model):
+    """A KV cache of 512 tokens (32 pages of 16), smaller than the 1,024-token context."""
+    small = Engine(EngineConfig(model=tiny_model, max_new_tokens=12, page_size=16, kv_cache_mb=0.25))
+    try:
+        assert small.loop.capacity_tokens == 512
+        image = [encode(noise_image(64, 64, seed=8))]
+        huge = _request(small, image, "What?", SamplingParams(max_new_tokens=600))
+        good = _request(small, image, "What?")
+        results = small.generate([huge, good])
+        assert results[0].error.startswith("generate: the request needs") and "--kv-cache-mb" in results[0].error
+        assert results[1].error is None and results[1].num_output_tokens == 12
+    finally:
+        small.close()
+
+
+def test_an_answer_never_runs_past_the_context(any_engine):
+    """The job's --max-new-tokens beyond the context is cut to the room the prompt leaves (two
+    streams generated ~7.8k tokens on a 1,024-token model before)."""
     image = [encode(noise_image(64, 64, seed=8))]
-    huge = _request(engine, image, "What?", SamplingParams(max_new_tokens=engine.loop.capacity_tokens))
-    good = _request(engine, image, "What?")
-    results = engine.generate([huge, good])
-    assert results[0].error.startswith("generate: the request needs") and "--kv-cache-mb" in results[0].error
-    assert results[1].error is None and results[1].num_output_tokens == 12
+    request = _request(any_engine, image, "What?", SamplingParams(max_new_tokens=5000))
+    result = any_engine.generate([request])[0]
+    assert result.error is None and result.finish_reason == "length"  # the random model never says </s>
+    assert result.num_input_tokens + result.num_output_tokens == any_engine.context
 
 
 def _settles(engine, **expected) -> bool:

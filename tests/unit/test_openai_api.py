@@ -103,9 +103,22 @@ def test_body_must_be_an_object():
     assert info.value.status == 400
 
 
-def test_engine_errors_map_to_statuses():
-    assert api.engine_error("prompt: the prompt is 5000 tokens, over the model's context").status == 400
-    assert api.engine_error("generate: RuntimeError: boom").status == 500
+def test_engine_errors_map_to_statuses_and_never_show_our_exceptions():
+    assert api.engine_error("prompt: the prompt is 5000 tokens, over the model's context", "r1").status == 400
+    ours = api.engine_error("generate: RuntimeError: boom at /srv/model.py:12", "r1")
+    assert ours.status == 500 and "boom" not in ours.message and "RuntimeError" not in ours.message
+    assert "r1" in ours.message and "r1" in api.internal_error("r1").message
+
+
+def test_client_text_must_be_valid_unicode_and_tiny_temperatures_are_greedy():
+    for body in ({"messages": [{"role": "user", "content": "a\ud800b"}]},
+                 {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+                 {"messages": [{"role": "user", "content": "hi"}], "stop": ["\ud800"]}):
+        with pytest.raises(api.ApiError) as info:
+            api.parse_chat_request(body, 16)  # what json.loads makes of "\\ud800"
+        assert (info.value.status, info.value.code) == (400, "invalid_text")
+    chat = api.parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "temperature": 1e-40}, 16)
+    assert chat.params.temperature == 0.0 and not chat.max_tokens_given and chat.text_chars == 2
 
 
 def test_text_deltas_rebuild_the_answer_exactly():

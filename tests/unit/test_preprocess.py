@@ -159,3 +159,18 @@ def test_fast_decode_really_decodes_less_and_leaves_other_formats_exact(spec_7b)
     assert np.array_equal(prepare(png, spec_7b, fast=True).tiles, prepare(png, spec_7b).tiles)
     small = encode(noise_image(300, 200, seed=4), "JPEG")
     assert np.array_equal(prepare(small, spec_7b, fast=True).tiles, prepare(small, spec_7b).tiles)
+
+
+def test_only_the_formats_we_mean_are_opened(monkeypatch):
+    """PostScript reached Pillow's EPS plugin, which runs Ghostscript on the client's file; a format
+    outside JPEG, PNG, WebP, GIF, BMP and TIFF is refused before any plugin reads it."""
+    from PIL import EpsImagePlugin
+
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(1))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n"
+    with pytest.raises(ImageError, match="not a JPEG, PNG, WebP, GIF, BMP or TIFF"):
+        decode(eps)
+    assert opened == []
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"):
+        assert decode(encode(noise_image(9, 7, seed=3), fmt)).size == (9, 7)
