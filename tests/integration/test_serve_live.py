@@ -147,6 +147,37 @@ def test_a_new_request_gets_its_first_token_while_eight_others_generate(base):
     assert times and times[0] < min(finished)
 
 
+def test_a_5_mb_text_stalls_no_stream_and_no_health_check(base):
+    """A 5 MB text took 14.6 s to be refused on the replica's event loop; meanwhile a live stream
+    stalled 14.5 s between two chunks and /health took 13.6 s. Now it is refused by its length."""
+    body = json.dumps({"messages": [{"role": "user", "content": "word " * 1_000_000}], "max_tokens": 8}).encode()
+    request = urllib.request.Request(f"{base}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+
+    def huge() -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def health_s() -> float:
+        start = time.perf_counter()
+        urllib.request.urlopen(f"{base}/health", timeout=30).read()
+        return time.perf_counter() - start
+
+    with ThreadPoolExecutor(3) as pool:
+        stream = pool.submit(timed_stream, base, question(noise_image(64, 64, seed=8)), 300)
+        time.sleep(0.3)
+        refused = pool.submit(huge)
+        checks = [health_s() for _ in range(5)]
+        status, reply = refused.result()
+        _, times, _, _ = stream.result()
+    assert (status, reply["error"]["code"]) == (400, "context_length_exceeded")
+    assert max(checks) < 1.0, checks
+    assert max(b - a for a, b in zip(times, times[1:])) < 1.0
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_slot(base):
     before = stats(base)
     request = urllib.request.Request(
