@@ -251,11 +251,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # --num-cpus asks for a new local instance of that size, never a cluster found on this machine.
     address = "local" if args.num_cpus is not None else args.ray_address
+    ours = not ray.is_initialized()  # a caller's Ray (a notebook, a test) is left as it was
     ray.init(address=address, num_cpus=args.num_cpus, ignore_reinit_error=True, include_dashboard=False)
     # After ray.init, which installs its own: Ctrl-C, a SIGINT that a background launch left ignored,
     # and SIGTERM (`kill`, `ray job stop`) all stop the job the same way.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt)
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         summary = run(cfg)
     except (ManifestError, OutputExistsError) as exc:
@@ -263,11 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}")
         return 2
     except Interrupted as exc:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # one stop is enough; let the shutdown finish
+        previous[signal.SIGINT] = signal.SIG_IGN  # one stop is enough; let the shutdown finish
         print(f"stopped by {exc}; the output files written so far are kept. Continue with: {resume_command(argv)}")
         return 128 + exc.signum
     finally:
-        ray.shutdown()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if ours:
+            ray.shutdown()
     print(summary_table(summary))
     return 0
 

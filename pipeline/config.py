@@ -7,6 +7,7 @@ and saved next to the output, so every result says how it was made.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import typing
@@ -183,15 +184,16 @@ class AnnotateConfig:
             raise ConfigError("--input and --output are required")
         if self.input.rstrip("/") == self.output.rstrip("/"):
             raise ConfigError("--output must differ from --input")
-        if _inside(self.output, _fixed_part(self.input)):
-            raise ConfigError(
-                f"--output {self.output} lies inside --input {self.input}: the next run would read its files as "
-                "input; write the output elsewhere"
-            )
-        if _inside(_fixed_part(self.input), self.output):
+        fixed = _fixed_part(self.input)
+        if _inside(fixed, self.output) or (fixed != self.input and _same(fixed, self.output)):
             raise ConfigError(
                 f"--input {self.input} lies inside --output {self.output}: --overwrite would delete it and --resume "
                 "would read it as results; write the output elsewhere"
+            )
+        if _reads_output(self.input, self.output):
+            raise ConfigError(
+                f"--output {self.output} lies inside --input {self.input}: the next run would read its files as "
+                "input; write the output elsewhere"
             )
         _check_choice("--dedupe", self.dedupe, DEDUPE_MODES)
         _check_choice("--input-format", self.input_format, INPUT_FORMATS)
@@ -245,6 +247,23 @@ def _fixed_part(path: str) -> str:
     """A glob's folder before its first wildcard (the path itself when it has none)."""
     cut = min((i for i in (path.find(c) for c in "*?[") if i >= 0), default=-1)
     return path if cut < 0 else path[:cut].rsplit("/", 1)[0]
+
+
+def _same(a: str, b: str) -> bool:
+    if "://" not in a and "://" not in b:
+        a, b = os.path.abspath(a), os.path.abspath(b)
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _reads_output(input_uri: str, output: str) -> bool:
+    """Whether reading the input would find the output's files: an output under an input folder,
+    or where a glob's pattern matches the files written into it."""
+    if fixed_part := _fixed_part(input_uri) if any(c in input_uri for c in "*?[") else None:
+        if "**" in input_uri:
+            return _same(output, fixed_part) or _inside(output, fixed_part)
+        return fnmatch.fnmatchcase(f"{output.rstrip('/')}/0.parquet", input_uri) and (
+            output.rstrip("/").count("/") == input_uri.count("/") - 1)
+    return _inside(output, input_uri)
 
 
 def _inside(path: str, root: str) -> bool:

@@ -150,6 +150,7 @@ def test_existing_output_is_refused_without_overwrite(tiny_model, ray_local, ima
     pq.write_table(pa.table({"id": [1], "image": [images[0]]}), tmp_path / "m.parquet")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.parquet").write_bytes(b"results of another run")
+    (tmp_path / "out" / "_config.json").write_text("{}")  # that run's configuration
     args = ["--input", str(tmp_path / "m.parquet"), "--output", str(tmp_path / "out"), "--model", tiny_model]
     assert annotate.main(args) == 2
     assert "--overwrite" in capsys.readouterr().out

@@ -37,7 +37,8 @@ def test_limits_and_params():
         ("d/in.parquet", "d", "--input d/in.parquet lies inside --output d"),
         ("s3://b/runs/in/*.parquet", "s3://b/runs", "lies inside --output"),
         ("d", "d/out", "--output d/out lies inside --input d"),
-        ("d/*.parquet", "d/out", "lies inside --input"),
+        ("d/**/*.parquet", "d/out", "lies inside --input"),
+        ("d/*.parquet", "d", "lies inside --output"),  # the glob would read the output's files
         ("d/", "d", "must differ"),
     ],
 )
@@ -47,4 +48,5 @@ def test_input_and_output_must_not_hold_each_other(input_uri, output_uri, messag
 
     with pytest.raises(ConfigError, match=message):
         AnnotateConfig(input=input_uri, output=output_uri, engine=EngineConfig(model="m"))
-    AnnotateConfig(input="d/in.parquet", output="d2", engine=EngineConfig(model="m"))
+    for fine_input, fine_output in (("d/in.parquet", "d2"), ("d/part-*.parquet", "d/out"), ("s3://b/in/", "s3://b/out")):
+        AnnotateConfig(input=fine_input, output=fine_output, engine=EngineConfig(model="m"))
