@@ -1,390 +1,81 @@
-"""The generation engine: one class that loads a checkpoint and answers requests.
+"""The generation engine: a loaded checkpoint with a scheduler, the one class batch and online use.
 
 It is plain Python with no Ray in it; the Ray Data predictor and the Serve replica both wrap it,
-so batch and online answers can never disagree. Tiles arrive as uint8 from CPU workers and are
-normalised here, on the model's device.
+so batch and online answers can never disagree. Both drive it the same way whatever the
+scheduler: `generate` for a list of requests, or `submit` / `cancel` one at a time, with an
+optional listener told as each token arrives (continuous scheduler only).
 
-Two schedulers share the loading, tokenising and image code. `continuous` (the default) keeps a
-loop that steps every running request together, token by token, and lets requests join and
-leave at any step (actors/continuous.py). `static` tokenises a batch with left padding and runs
-one `generate` call for it: the reference path, and the fallback where the loop cannot serve a
-configuration.
+- `continuous` (the default): a loop steps every running request together, token by token, and
+  requests join and leave at any step (actors/continuous.py);
+- `static`: whole left-padded batches through transformers' `generate` (actors/static.py), the
+  reference path.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
-from collections import defaultdict
-from typing import Any
+from collections.abc import Callable
 
-import numpy as np
-import torch
-from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-
-from pipeline import prompts
-from pipeline.config import EngineConfig, SamplingParams
-from pipeline.preprocess import AnyresSpec, image_digest
+from actors.checkpoint import Checkpoint
+from actors.continuous import ContinuousLoop
+from actors.static import StaticScheduler
+from pipeline.config import EngineConfig
 from pipeline.schemas import GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` picks the GPU when there is one."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+class Engine(Checkpoint):
+    """A checkpoint and its scheduler; `generate`, `submit`, `cancel`, `stats`, `close`.
 
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on CUDA and float32 elsewhere (CPU half precision is slow and lossy)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
-def load_kwargs(cfg: EngineConfig, device: torch.device) -> dict[str, Any]:
-    """Keyword arguments for `from_pretrained` that carry the engine's options."""
-    kwargs: dict[str, Any] = {
-        "dtype": resolve_dtype(cfg.dtype, device),
-        "attn_implementation": cfg.attn_implementation,
-    }
-    if cfg.quantization != "none":
-        from transformers import BitsAndBytesConfig
-
-        if cfg.quantization == "4bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16
-            )
-        else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else device.type}
-    return kwargs
-
-
-def expand_images(prompt: str, image_sizes: list, spec: AnyresSpec) -> tuple[str, int]:
-    """The prompt with each `<image>` repeated as many times as its image has tokens, and their total.
-
-    Raises PromptError when the placeholders and the images disagree in number.
+    `max_batch_size` and `batch_wait_ms` shape the static scheduler's batches of submitted
+    requests (a server's concurrent requests); `generate` takes its list as one batch.
     """
-    pieces = prompt.split(prompts.IMAGE_TOKEN)
-    if len(pieces) - 1 != len(image_sizes):
-        raise prompts.PromptError(
-            f"the prompt has {len(pieces) - 1} {prompts.IMAGE_TOKEN} placeholders but the row has {len(image_sizes)} images"
-        )
-    counts = [spec.num_image_tokens(tuple(int(v) for v in s)) for s in image_sizes]
-    return pieces[0] + "".join(prompts.IMAGE_TOKEN * n + p for n, p in zip(counts, pieces[1:])), sum(counts)
 
-
-def expand_image_ids(ids: list[int], image_token_id: int, image_sizes: list, spec: AnyresSpec) -> tuple[list[int], int]:
-    """Token ids with each image token repeated as many times as its image has tokens, and their total.
-
-    The same ids as tokenising the prompt with its placeholders repeated (each placeholder is one
-    special token, which the tokenizer splits off on its own either way).
-    """
-    found = sum(1 for t in ids if t == image_token_id)
-    if found != len(image_sizes):
-        raise prompts.PromptError(
-            f"the prompt has {found} {prompts.IMAGE_TOKEN} placeholders but the row has {len(image_sizes)} images"
-        )
-    counts = iter(spec.num_image_tokens(tuple(int(v) for v in s)) for s in image_sizes)
-    out: list[int] = []
-    total = 0
-    for t in ids:
-        if t == image_token_id:
-            n = next(counts)
-            out += [t] * n
-            total += n
-        else:
-            out.append(t)
-    return out, total
-
-
-def normalise_tiles(tiles: list[np.ndarray], mean: torch.Tensor, std: torch.Tensor, device: torch.device,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """uint8 tiles of every image -> normalised `(images, max_tiles, 3, crop, crop)` on `device`.
-
-    Images with fewer tiles are zero-padded, as the processor does; the model drops the padding.
-    """
-    max_tiles = max(t.shape[0] for t in tiles)
-    crop = tiles[0].shape[-1]
-    out = torch.zeros((len(tiles), max_tiles, 3, crop, crop), dtype=torch.float32, device=device)
-    for i, t in enumerate(tiles):
-        host = np.array(t, copy=True, order="C")  # Arrow buffers are read-only; torch wants writable
-        x = torch.from_numpy(host).to(device, non_blocking=True).float()
-        out[i, : t.shape[0]] = (x * (1.0 / 255.0) - mean) / std
-    return out.to(dtype)
-
-
-def spec_tensors(spec: AnyresSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The checkpoint's pixel mean and std, shaped to broadcast over `(tiles, 3, h, w)`."""
-    return (torch.tensor(spec.image_mean, device=device).view(1, 3, 1, 1),
-            torch.tensor(spec.image_std, device=device).view(1, 3, 1, 1))
-
-
-class Engine:
-    """Loads processor and model once; `generate` answers a list of requests, one result each."""
-
-    def __init__(self, cfg: EngineConfig):
-        self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self.processor = AutoProcessor.from_pretrained(cfg.model)
-        self.tokenizer = self.processor.tokenizer
-        self.tokenizer.padding_side = "left"
-        self.spec = AnyresSpec.from_checkpoint(cfg.model)
-        kwargs = load_kwargs(cfg, self.device)
-        self.model = LlavaNextForConditionalGeneration.from_pretrained(cfg.model, **kwargs).eval()
-        if "device_map" not in kwargs:
-            self.model.to(self.device)
-        self.dtype = kwargs["dtype"]
-        self.image_token_id = self.model.config.image_token_id
-        self.context = int(self.model.config.text_config.max_position_embeddings)
-        self.pad_id = self.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id
-        self.eos_ids = self._eos_ids()
-        # Strings the tokenizer turns into control ids; typed by a client, they are text (see `tokenize_chat`).
-        specials = {i: t.content for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
-        self.special_ids, self.special_strings = frozenset(specials), tuple(specials.values())
-        self.formatter = prompts.Formatter.from_processor(
-            self.processor, getattr(self.model.config.text_config, "model_type", None), cfg.prompt_format
-        )
-        self._mean, self._std = spec_tensors(self.spec, self.device)
-        self.loop = None
+    def __init__(self, cfg: EngineConfig, max_batch_size: int = 8, batch_wait_ms: float = 20.0):
+        super().__init__(cfg)
+        self.static = StaticScheduler(self, max_batch_size, batch_wait_ms)
+        self.loop = ContinuousLoop(self, cfg) if cfg.scheduler == "continuous" else None
         self.scheduler = cfg.scheduler
-        if cfg.scheduler == "continuous":
-            from actors.continuous import ContinuousLoop
-
-            try:
-                self.loop = ContinuousLoop(self)
-            except (ValueError, NotImplementedError, RuntimeError) as exc:
-                log.warning("the continuous scheduler cannot serve this configuration (%s): using static batches", exc)
-                self.scheduler = "static"
         log.info(
             "engine ready: %s on %s (%s, attention %s, quantization %s, prompt format %s, %s scheduler)",
             cfg.model, self.device, self.dtype, cfg.attn_implementation, cfg.quantization, self.formatter.fmt,
             self.scheduler,
         )
 
-    def _eos_ids(self) -> set[int]:
-        ids = self.model.generation_config.eos_token_id
-        if ids is None:
-            ids = self.tokenizer.eos_token_id
-        return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
-
     @property
-    def model_name(self) -> str:
-        return self.cfg.model.rstrip("/").split("/")[-1]
-
-    def format_question(self, question: str, num_images: int) -> str:
-        """The formatted prompt for a question about `num_images` images (raises PromptError)."""
-        return self.formatter.question(question, num_images)
-
-    def render(self, messages: list[prompts.Message]) -> str:
-        """The formatted prompt for a whole conversation (raises PromptError)."""
-        return self.formatter.conversation(messages)
-
-    def default_params(self) -> SamplingParams:
-        return SamplingParams.from_engine(self.cfg)
-
-    def decode(self, token_ids: list[int]) -> str:
-        """Answer text of generated tokens (special tokens dropped)."""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def digest(self, tiles: np.ndarray, size: tuple[int, int]) -> str:
-        return image_digest(tiles, size)
-
-    # ---- tokenising -------------------------------------------------------------------------
-
-    def tokenize(self, request: GenerationRequest) -> tuple[list[int], int]:
-        """Token ids of a request with each `<image>` expanded to its image's token count.
-
-        Raises ValueError when placeholders and images disagree or the prompt fills the context.
-        """
-        if len(request.tiles) != len(request.image_sizes):
-            raise prompts.PromptError(f"the row has {len(request.tiles)} tiled images but {len(request.image_sizes)} sizes")
-        if request.prompt_ids is not None:
-            ids, image_tokens = expand_image_ids(request.prompt_ids, self.image_token_id, request.image_sizes, self.spec)
-        else:
-            text, image_tokens = expand_images(request.prompt, request.image_sizes, self.spec)
-            ids = self.tokenizer(text)["input_ids"]
-        if len(ids) >= self.context:
-            raise ValueError(f"the prompt is {len(ids)} tokens, over the model's context of {self.context}")
-        return ids, image_tokens
-
-    def tokenize_chat(self, messages: list[prompts.Message]) -> tuple[str, list[int]]:
-        """The prompt of a client's conversation and its ids, one image token per image (raises PromptError).
-
-        What a client types is text: a special token's string in a message (`</s>`, `<image>`) is
-        tokenised as the characters it is, never as the control id, so a client cannot end a turn,
-        forge a system prompt or add an image placeholder. Without such strings the ids are exactly
-        those of the rendered prompt.
-        """
-        text, spans = self.formatter.conversation_literal(messages, self.special_strings)
-        if not spans:
-            return text, self.tokenizer(text)["input_ids"]
-        encoded = self.tokenizer(text, return_offsets_mapping=True)
-        literal = set(spans)
-        ids: list[int] = []
-        for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
-            if token in self.special_ids and (start, end) in literal:
-                ids += self.tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-            else:
-                ids.append(token)
-        return text, ids
-
-    def max_char_tokens(self) -> int:
-        """The most characters one token stands for: a text of N characters has at least N / this tokens."""
-        return max(1, max(len(t) for t in self.tokenizer.get_vocab()))
-
-    def fit(self, prompt_tokens: int, params: SamplingParams) -> SamplingParams:
-        """The request's options with its answer cut to what the context leaves after the prompt."""
-        room = self.context - prompt_tokens
-        if params.max_new_tokens <= room:
-            return params
-        return dataclasses.replace(params, max_new_tokens=max(1, room))
-
-    # ---- images -----------------------------------------------------------------------------
-
-    def pixel_batch(self, tiles: list[np.ndarray]) -> torch.Tensor:
-        """uint8 tiles of every image -> normalised `(images, max_tiles, 3, crop, crop)` on device."""
-        return normalise_tiles(tiles, self._mean, self._std, self.device, self.dtype)
-
-    def encode_images(self, tiles: list[np.ndarray], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Packed features of each image (one row per image token, newlines included)."""
-        config = self.model.config
-        with torch.inference_mode():
-            features = self.model.model.get_image_features(
-                self.pixel_batch(tiles),
-                torch.tensor([list(s) for s in sizes], dtype=torch.long, device=self.device),
-                vision_feature_layer=config.vision_feature_layer,
-                vision_feature_select_strategy=config.vision_feature_select_strategy,
-            ).pooler_output
-        return list(features)
-
-    # ---- generation -------------------------------------------------------------------------
+    def streams(self) -> bool:
+        """Whether submitted requests report their tokens as they are made."""
+        return self.loop is not None
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Answer a list of requests; each gets exactly one result, failures as row errors."""
-        if self.loop is not None:
-            submissions = [self.loop.submit(r) for r in requests]
-            return [s.future.result() for s in submissions]
-        return self.generate_static(requests)
-
-    def submit(self, request: GenerationRequest, on_update=None):
-        """Hand one request to the continuous loop (see `ContinuousLoop.submit`)."""
         if self.loop is None:
-            raise RuntimeError("submit needs the continuous scheduler")
-        return self.loop.submit(request, on_update)
+            return self.static.generate(requests)
+        submissions = [self.loop.submit(r) for r in requests]
+        return [s.future.result() for s in submissions]
+
+    def generate_static(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """The reference: static batches of `generate`, whichever scheduler the engine runs."""
+        return self.static.generate(requests)
+
+    def submit(self, request: GenerationRequest, on_update: Callable | None = None):
+        """Hand one request to the scheduler; the returned handle's `future` resolves to its result."""
+        return (self.loop or self.static).submit(request, on_update)
+
+    def cancel(self, submission) -> None:
+        """Stop a submitted request (a no-op once it is done)."""
+        (self.loop or self.static).cancel(submission)
 
     def kv_capacity_tokens(self) -> int | None:
-        """Tokens the continuous loop's KV cache holds (None under the static scheduler)."""
+        """Tokens one request may hold in the continuous loop's KV cache (None under the static scheduler)."""
         return self.loop.capacity_tokens if self.loop is not None else None
 
     def stats(self) -> dict[str, int]:
-        """The continuous loop's counters (empty under the static scheduler)."""
-        return self.loop.stats() if self.loop is not None else {}
+        """The scheduler's counters."""
+        return self.loop.stats() if self.loop is not None else self.static.stats()
 
     def close(self) -> None:
         if self.loop is not None:
             self.loop.close()
-
-    def generate_static(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Static batches of `generate`: every request gets exactly one result, failures as row errors."""
-        results = [GenerationResult() for _ in requests]
-        groups: dict[SamplingParams, list[tuple[int, list[int]]]] = defaultdict(list)
-        for i, req in enumerate(requests):
-            try:
-                ids, n_image = self.tokenize(req)
-            except ValueError as exc:
-                results[i].error = f"prompt: {exc}"
-                continue
-            results[i].num_input_tokens, results[i].num_image_tokens = len(ids), n_image
-            groups[self.fit(len(ids), req.params or self.default_params())].append((i, ids))
-        for params, members in groups.items():
-            self._generate_split(params, members, requests, results)
-        return results
-
-    def _generate_split(
-        self,
-        params: SamplingParams,
-        members: list[tuple[int, list[int]]],
-        requests: list[GenerationRequest],
-        results: list[GenerationResult],
-    ) -> None:
-        """Run one group; on out-of-memory retry it in halves, down to single rows."""
-        try:
-            finished, elapsed_ms = self._generate_group(params, members, requests)
-        except torch.OutOfMemoryError as exc:
-            if len(members) == 1:
-                results[members[0][0]].error = f"generate: out of memory on a single row: {exc}"
-                return
-            log.warning("out of memory on a batch of %d; retrying in halves", len(members))
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            half = len(members) // 2
-            self._generate_split(params, members[:half], requests, results)
-            self._generate_split(params, members[half:], requests, results)
-        except Exception as exc:  # a failing batch must not take its neighbours' batches down
-            log.exception("generate failed on a batch of %d", len(members))
-            for i, _ in members:
-                results[i].error = f"generate: {type(exc).__name__}: {exc}"
-        else:
-            for (i, _), tokens in zip(members, finished):
-                self._finish(results[i], tokens, params, elapsed_ms)
-
-    def _generate_group(
-        self, params: SamplingParams, members: list[tuple[int, list[int]]], requests: list[GenerationRequest],
-    ) -> tuple[list[list[int]], float]:
-        """One left-padded `generate` call: each member's new tokens, and the call's wall time."""
-        width = max(len(ids) for _, ids in members)
-        input_ids = torch.full((len(members), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(members), width), dtype=torch.long)
-        for row, (_, ids) in enumerate(members):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention[row, width - len(ids) :] = 1
-        inputs: dict[str, Any] = {
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": attention.to(self.device),
-        }
-        tiles = [t for i, _ in members for t in requests[i].tiles]
-        if tiles:
-            sizes = [list(s) for i, _ in members for s in requests[i].image_sizes]
-            inputs["pixel_values"] = self.pixel_batch(tiles)
-            inputs["image_sizes"] = torch.tensor(sizes, dtype=torch.long, device=self.device)
-        gen_kwargs: dict[str, Any] = {
-            "max_new_tokens": params.max_new_tokens,
-            "pad_token_id": self.pad_id,
-            "do_sample": params.temperature > 0,
-        }
-        if params.temperature > 0:
-            gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-        if params.stop:
-            gen_kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.generate(**inputs, **gen_kwargs)
-        elapsed_ms = (time.perf_counter() - start) * 1000.0
-        return out[:, width:].tolist(), elapsed_ms
-
-    def _finish(self, result: GenerationResult, tokens: list[int], params: SamplingParams, ms: float) -> None:
-        """Cut a row's tokens at its end of sequence or stop string and fill in its result."""
-        finish = "length"
-        for k, tok in enumerate(tokens):
-            if tok in self.eos_ids:
-                tokens, finish = tokens[: k + 1], "stop"
-                break
-        text = self.decode(tokens)
-        for stop in params.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-        result.response = text
-        result.token_ids = tokens
-        result.num_output_tokens = len(tokens)
-        result.finish_reason = finish
-        result.generation_ms = ms
+        self.static.close()

@@ -84,7 +84,7 @@ class Predictor:
             requests.append(GenerationRequest(prompts[i][k], per_image, image_sizes, image_digests=digests[i]))
         for pair, result in zip(todo, self.engine.generate(requests) if requests else []):
             results[pair] = result
-        if self._stats is not None and self.engine.loop is not None:
+        if self._stats is not None:
             self._stats.report.remote(self._actor, self.engine.stats())
         return self._table(batch, pairs, prompts, questions, results)
 

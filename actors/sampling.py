@@ -1,25 +1,19 @@
-"""Per-request sampling inside the continuous-batching step: temperature, top-k, top-p and a seed.
+"""Choosing each request's next token from the step's logits: greedy, or sampled with its own
+temperature, top-k, top-p and seed.
 
-The step loop always picks the arg-max of the processed scores. Each request brings its own
-temperature, top-k and top-p, and a sampled request adds Gumbel noise drawn from a hash of
-(its seed, the position of the token being chosen): the arg-max of `logits / T + Gumbel` is a
-sample from `softmax(logits / T)`, and the noise depends on nothing but the request itself, so a
-seeded answer is the same alone or amid any other traffic. A greedy request (temperature 0)
-leaves its scores untouched, so its tokens are the arg-max `generate` would choose.
-
-Where CUDA graphs may capture the step (`branch_free`), every operation is branch-free over the
-batch; elsewhere a processor skips its work when no row of the step needs it (an all-greedy step
-costs no sort). Each processor gets one int32 per row (a float is passed as its bit pattern).
+A greedy row (temperature 0) takes the arg-max of its logits, exactly the token `generate` picks.
+A sampled row takes the arg-max of `logits / T + Gumbel noise` over the tokens its top-k and top-p
+keep, which is a sample from `softmax(logits / T)` restricted to them; the noise is drawn from a
+hash of (its seed, the position of the token being chosen), so a seeded answer is the same alone
+or amid any other traffic, on any device. Only the sampled rows of a step pay for sorting and
+noise.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.generation.continuous_batching.cb_logits_processors import (
-    ContinuousBatchingLogitsProcessor,
-    ContinuousBatchingLogitsProcessorList,
-)
-from transformers.generation.logits_process import LogitsProcessorList
+
+from pipeline.config import SamplingParams
 
 MASK64 = (1 << 64) - 1
 # splitmix64's multipliers, as the signed 64-bit values torch computes with.
@@ -28,12 +22,8 @@ _MIX2 = 0x94D049BB133111EB - (1 << 64)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 
 
-def _float_bits(values: list[float]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32).view(torch.int32)
-
-
 def noise_key(seed: int, position: int) -> int:
-    """A non-zero 31-bit key for one (seed, token position); 0 is reserved for "no noise"."""
+    """A non-zero 31-bit key for one (seed, token position)."""
     x = (seed * 0x9E3779B97F4A7C15 + position * 0xD1B54A32D192ED03 + 1) & MASK64
     x ^= x >> 31
     x = (x * 0xBF58476D1CE4E5B9) & MASK64
@@ -47,7 +37,7 @@ def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def gumbel(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Gumbel noise `(rows, vocab)` from one int32 key per row (splitmix64 of key and token index),
+    """Gumbel noise `(rows, vocab)` from one key per row (splitmix64 of key and token index),
     identical on every device."""
     k = keys.to(torch.int64).unsqueeze(-1)
     z = k * _GOLDEN + torch.arange(vocab, device=keys.device, dtype=torch.int64).unsqueeze(0)
@@ -58,115 +48,42 @@ def gumbel(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
-class _RowProcessor(ContinuousBatchingLogitsProcessor):
-    """A processor fed one value per row; greedy rows get the value that changes nothing."""
-
-    supported_kwargs: dict[str, type] = {}
-    ignored_kwargs: tuple[str, ...] = ()
-
-    def __init__(self, branch_free: bool = True):
-        self.branch_free = branch_free
-
-    def idle(self, needed: torch.Tensor) -> bool:
-        """True when this step may skip the processor: no row needs it and nothing is captured."""
-        return not self.branch_free and not bool(needed.any())
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.copy_(self._values([None] * int32_tensor.numel()))
-
-    def prepare_tensor_args(self, requests_with_new_token) -> torch.Tensor:
-        return self._values([r.state for r in requests_with_new_token])
-
-    def _values(self, states) -> torch.Tensor:
-        raise NotImplementedError
+def top_k(scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's k best scores (k = 0 keeps all)."""
+    vocab = scores.size(-1)
+    k = torch.where(k > 0, k.clamp(max=vocab), torch.full_like(k, vocab))
+    ordered = torch.sort(scores, dim=-1, descending=True).values
+    threshold = ordered.gather(-1, (k - 1).unsqueeze(-1))
+    return scores.masked_fill(scores < threshold, float("-inf"))
 
 
-def _param(state, name: str, default):
-    if state is None:
-        return default
-    return state.logit_processor_kwargs.get(name, default)
+def top_p(scores: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of best tokens whose probability reaches p (p = 1 keeps all)."""
+    p = p.unsqueeze(-1)
+    ordered, order = torch.sort(scores, dim=-1, descending=True)
+    probs = ordered.softmax(dim=-1)
+    # A token goes when the better tokens before it already reach p; the best one always stays.
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop_sorted[..., 0] = False
+    drop_sorted &= p < 1.0
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
 
 
-class Temperature(_RowProcessor):
-    """Divides a sampled row's scores by its temperature (greedy rows by 1, exactly)."""
-
-    supported_kwargs = {"temperature": float}
-
-    def _values(self, states) -> torch.Tensor:
-        temps = [float(_param(s, "temperature", 0.0)) for s in states]
-        return _float_bits([t if t > 0 else 1.0 for t in temps])
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        temperature = tensor_arg[: scores.size(0)].view(torch.float32)
-        if self.idle(temperature != 1.0):
-            return scores
-        return scores / temperature.unsqueeze(-1)
-
-
-class TopK(_RowProcessor):
-    """Keeps a row's k best scores; k = 0 keeps all."""
-
-    supported_kwargs = {"top_k": int}
-
-    def _values(self, states) -> torch.Tensor:
-        return torch.tensor([int(_param(s, "top_k", 0)) for s in states], dtype=torch.int32)
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        vocab = scores.size(-1)
-        k = tensor_arg[: scores.size(0)].to(torch.int64)
-        if self.idle(k > 0):
-            return scores
-        k = torch.where(k > 0, k.clamp(max=vocab), torch.full_like(k, vocab))
-        ordered = torch.sort(scores, dim=-1, descending=True).values
-        threshold = ordered.gather(-1, (k - 1).unsqueeze(-1))
-        return scores.masked_fill(scores < threshold, float("-inf"))
-
-
-class TopP(_RowProcessor):
-    """Keeps the smallest set of best tokens whose probability reaches p; p = 1 keeps all."""
-
-    supported_kwargs = {"top_p": float}
-
-    def _values(self, states) -> torch.Tensor:
-        return _float_bits([float(_param(s, "top_p", 1.0)) for s in states])
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        p = tensor_arg[: scores.size(0)].view(torch.float32).unsqueeze(-1)
-        if self.idle(p < 1.0):
-            return scores
-        ordered, order = torch.sort(scores, dim=-1, descending=True)
-        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        # A token goes when the better tokens before it already reach p; the best one always stays.
-        drop_sorted = (cumulative - ordered.softmax(dim=-1)) >= p
-        drop_sorted[..., 0] = False
-        drop_sorted &= p < 1.0
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        return scores.masked_fill(drop, float("-inf"))
-
-
-class SeededNoise(_RowProcessor):
-    """Adds Gumbel noise keyed by (seed, position) to sampled rows; greedy rows get none."""
-
-    supported_kwargs = {"seed": int, "temperature": float}
-
-    def _values(self, states) -> torch.Tensor:
-        keys = []
-        for s in states:
-            sampled = s is not None and float(_param(s, "temperature", 0.0)) > 0
-            keys.append(noise_key(int(_param(s, "seed", 0)), s.position_offset) if sampled else 0)
-        return torch.tensor(keys, dtype=torch.int32)
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        keys = tensor_arg[: scores.size(0)]
-        if self.idle(keys != 0):
-            return scores
-        noise = gumbel(keys, scores.size(-1))
-        return scores + torch.where((keys != 0).unsqueeze(-1), noise, torch.zeros_like(noise))
-
-
-def sampling_processors(branch_free: bool) -> ContinuousBatchingLogitsProcessorList:
-    """The processor list the step loop runs: each request's own temperature, top-k, top-p, seed."""
-    processors = [cls(branch_free) for cls in (Temperature, TopK, TopP, SeededNoise)]
-    chain = ContinuousBatchingLogitsProcessorList(LogitsProcessorList(processors), per_request_processors=False)
-    chain.tensors_required = len(processors)  # one row of per-request arguments each
-    return chain
+def choose(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
+    """The next token of each row of `(rows, vocab)` logits (see the module docstring)."""
+    chosen = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if sampled:
+        device = logits.device
+        rows = torch.tensor(sampled, device=device)
+        scores = logits[rows] / torch.tensor([params[i].temperature for i in sampled], device=device).unsqueeze(-1)
+        k = torch.tensor([params[i].top_k for i in sampled], device=device)
+        if bool((k > 0).any()):
+            scores = top_k(scores, k)
+        p = torch.tensor([params[i].top_p for i in sampled], device=device, dtype=torch.float32)
+        if bool((p < 1.0).any()):
+            scores = top_p(scores, p)
+        keys = torch.tensor([noise_key(int(params[i].seed or 0), positions[i]) for i in sampled], device=device)
+        chosen[rows] = (scores + gumbel(keys, scores.size(-1))).argmax(dim=-1)
+    return chosen.tolist()

@@ -1,14 +1,12 @@
 """The online endpoint: a Ray Serve deployment around the batch job's `Engine`, with an OpenAI API.
 
-Each replica owns one `Engine`. A request is parsed and rendered on the replica's event loop;
-its images are fetched, decoded and tiled in a pool of preparation processes beside the model
-(`prepare_workers`), so image work never holds the interpreter that steps the model. Then:
-
-- continuous scheduler (default): the request joins the engine's running batch at the next token
-  step, and a streamed reply sends each piece of text as soon as it is final; a client that goes
-  away cancels its request in the engine;
-- static scheduler: `@serve.batch` gathers concurrent requests into one `Engine.generate_static`
-  call, and a streamed reply is cut from the finished answer.
+Each replica owns one `Engine`. A request's key is checked, its body read under a deadline,
+then it is admitted; its text is parsed and tokenised in a thread (actors/chat.py) and its images
+fetched, decoded and tiled in a pool of preparation processes beside the model
+(`prepare_workers`), so neither holds the interpreter that steps the model. The engine answers it
+whole or streamed (actors/replies.py), the same way for both schedulers: the continuous one joins
+it to the running batch at the next token step, the static one gathers concurrent requests into
+batches of `generate`. A client that goes away cancels its request in the engine.
 
 Admission is the replica's: past `max_ongoing_requests` running plus `max_queued_requests`
 waiting, a request gets an OpenAI-shaped 503 at once. Serve's own queue in front is unbounded,
@@ -21,12 +19,13 @@ Use `build_app` from a Serve config file (`serve run actors/serve_config.yaml`),
 # No postponed annotations: FastAPI reads the route signatures at run time to find `Request`.
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import logging
 import multiprocessing
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +40,7 @@ from starlette.requests import ClientDisconnect
 
 from actors import chat as chat_text
 from actors import openai_api as api
+from actors import replies
 from actors.engine import Engine
 from actors.image_policy import ImagePolicy, Refusal, prepare_image
 from pipeline.config import ServeOptions
@@ -55,25 +55,14 @@ RETRY_AFTER_S = 1
 
 
 @dataclass
-class BatchStats:
-    """Counts of the replica's requests by outcome, of the images it prepared, and of the static
-    scheduler's batches, so operators and tests can see what happened."""
+class ReplicaStats:
+    """Counts of the replica's requests by outcome and of the images it prepared."""
 
-    requests: int = 0
-    batches: int = 0
-    max_batch_size: int = 0
-    batch_sizes: dict[int, int] = dataclasses.field(default_factory=dict)
     requests_by_status: dict[str, int] = dataclasses.field(default_factory=dict)
     images_prepared: int = 0
 
     def outcome(self, status: str) -> None:
         self.requests_by_status[status] = self.requests_by_status.get(status, 0) + 1
-
-    def record(self, size: int) -> None:
-        self.requests += size
-        self.batches += 1
-        self.max_batch_size = max(self.max_batch_size, size)
-        self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
 
 
 def admission_bound(options: ServeOptions) -> int | None:
@@ -113,29 +102,21 @@ class LlavaNextServer:
 
     def __init__(self, options: ServeOptions):
         self.options = options
-        self.engine = Engine(options.engine)
+        self.engine = Engine(options.engine, options.max_batch_size, options.batch_wait_ms)
         self.policy = ImagePolicy(
             options.allow_remote_images, options.allow_s3_prefixes,
             tuple(h.lower() for h in options.allow_image_hosts), options.fetch_timeout_s,
         )
-        self.stats = BatchStats()
+        self.stats = ReplicaStats()
         self._pool = preparation_pool(options.prepare_workers)
         self._warm_pool()
         # Admission: up to max_ongoing_requests run, up to max_queued_requests more wait here, and
         # the rest get an OpenAI-shaped 503 at once.
         self._running = asyncio.Semaphore(options.max_ongoing_requests)
         self._admitted = 0
-        # Static scheduler: one thread runs the model, so the event loop keeps taking requests.
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="generate")
         # Parsing and tokenising grow with the body: never on the event loop.
         self._text_pool = ThreadPoolExecutor(2, thread_name_prefix="text")
-        self._generate_batch.set_max_batch_size(options.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(options.batch_wait_ms / 1000.0)
         self._requests = metrics.Counter("llava_requests", "Chat requests by HTTP status.", tag_keys=("status",))
-        self._batch_size = metrics.Histogram(
-            "llava_batch_size", "Requests per Engine.generate call (static scheduler).",
-            boundaries=[1, 2, 4, 8, 16, 32, 64],
-        )
         self._latency = metrics.Histogram(
             "llava_request_latency_ms", "End-to-end request latency in the replica.",
             boundaries=[10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000],
@@ -197,8 +178,8 @@ class LlavaNextServer:
             await self._running.acquire()
             try:
                 response = await self._chat_completions(raw, start)
-                # A live stream keeps its slot until it ends (see `_stream`).
-                handed_over = isinstance(response, StreamingResponse) and self.engine.loop is not None
+                # A live stream keeps its slot until it ends (see `_stream_ended`).
+                handed_over = isinstance(response, StreamingResponse)
                 return response
             finally:
                 if not handed_over:
@@ -207,10 +188,20 @@ class LlavaNextServer:
             if not handed_over:
                 self._admitted -= 1
 
-    def _done_streaming(self) -> None:
+    def _stream_ended(self, chat: api.ChatRequest, start: float, result: GenerationResult | None,
+                      error: api.ApiError | None) -> None:
         """A streamed reply ended (or its client left): its admission slot is free."""
         self._running.release()
         self._admitted -= 1
+        if error is not None:
+            log.error("request %s failed in the engine: %s", chat.request_id, result.error)
+            self._observe(error.status, start)
+        elif result is None:
+            self.stats.outcome("cancelled")
+            log.info("request %s: the client left mid-stream", chat.request_id)
+        else:
+            self._observe(200, start)
+            self._log_done(chat, result, start)
 
     def _refuse(self, exc: api.ApiError, start: float) -> JSONResponse:
         self._observe(exc.status, start)
@@ -242,11 +233,11 @@ class LlavaNextServer:
         chat = None
         try:
             chat, generation = await self._generation(raw)
-            if self.engine.loop is not None and chat.stream:
-                return StreamingResponse(await self._started(self._stream(chat, generation, start)),
-                                         media_type="text/event-stream")
-            result = await (self._answer(generation) if self.engine.loop is not None
-                            else self._generate_batch(generation))
+            if chat.stream:
+                on_end = functools.partial(self._stream_ended, chat, start)
+                events = replies.stream(self.engine, chat, generation, self.options.stream_interval_ms / 1000, on_end)
+                return StreamingResponse(await replies.started(events), media_type="text/event-stream")
+            result = await replies.answer(self.engine, generation)
             if result.error is not None:
                 log.error("request %s failed in the engine: %s", chat.request_id, result.error)
                 raise api.engine_error(result.error, chat.request_id)
@@ -258,99 +249,7 @@ class LlavaNextServer:
             self._observe(500, start)
             return error_response(api.internal_error(request_id))
         self._log_done(chat, result, start)
-        model = self.engine.model_name
-        if not chat.stream:
-            return JSONResponse(api.completion_body(chat, model, result))
-        deltas = api.text_deltas(result.response, result.token_ids, self.engine.decode)
-        return StreamingResponse(iter(api.sse_events(chat, model, result, deltas)), media_type="text/event-stream")
-
-    # ---- the continuous engine ----------------------------------------------------------------
-
-    @staticmethod
-    async def _started(stream: AsyncIterator[str]) -> AsyncIterator[str]:
-        """Run a stream to its first chunk now, so it owns its request and slot from here on
-        (a started generator is always closed, even if no one reads it)."""
-        first = await stream.__anext__()
-
-        async def rest() -> AsyncIterator[str]:
-            yield first
-            async for event in stream:
-                yield event
-
-        return rest()
-
-    async def _answer(self, generation: GenerationRequest) -> GenerationResult:
-        """A whole answer from the running batch; a client that leaves cancels it."""
-        submission = self.engine.submit(generation)
-        try:
-            return await asyncio.wrap_future(submission.future)
-        finally:
-            self.engine.loop.cancel(submission)  # a no-op once it is done
-
-    async def _stream(self, chat: api.ChatRequest, generation: GenerationRequest, start: float) -> AsyncIterator[str]:
-        """Chunks as the text becomes final; the last piece makes the stream equal the plain reply."""
-        loop = asyncio.get_running_loop()
-        updates: asyncio.Queue[str | None] = asyncio.Queue()
-
-        def on_update(submission) -> None:  # on the engine's dispatcher thread
-            loop.call_soon_threadsafe(updates.put_nowait, submission.tracker.stable())
-
-        submission = self.engine.submit(generation, on_update)
-        submission.future.add_done_callback(lambda _: loop.call_soon_threadsafe(updates.put_nowait, None))
-        if submission.future.done() and submission.future.result().error is not None:
-            # Refused at submission: an error reply instead of a stream (the caller frees the slot).
-            error = submission.future.result().error
-            log.error("request %s failed in the engine: %s", chat.request_id, error)
-            raise api.engine_error(error, chat.request_id)
-        chunks = api.Chunks(chat, self.engine.model_name)
-        sent = ""
-        try:
-            yield chunks.role()
-            interval = self.options.stream_interval_ms / 1000
-            last = -interval
-            finished = False
-            while not finished:
-                text = await updates.get()
-                if text is not None and (wait := last + interval - loop.time()) > 0:
-                    await asyncio.sleep(wait)
-                # Updates that piled up meanwhile go out as one chunk.
-                while text is not None and not updates.empty():
-                    text = updates.get_nowait()
-                finished = text is None
-                if not finished and len(text) > len(sent) and text.startswith(sent):
-                    yield chunks.content(text[len(sent):])
-                    sent = text
-                    last = loop.time()
-            result = submission.future.result()
-            if result.error is not None:
-                log.error("request %s failed in the engine: %s", chat.request_id, result.error)
-                error = api.engine_error(result.error, chat.request_id)
-                self._observe(error.status, start)
-                yield f"data: {json.dumps(error.body())}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            if len(result.response) > len(sent) and result.response.startswith(sent):
-                yield chunks.content(result.response[len(sent):])
-            for event in chunks.end(result):
-                yield event
-            self._observe(200, start)
-            self._log_done(chat, result, start)
-        finally:
-            self.engine.loop.cancel(submission)
-            self._done_streaming()
-
-    # ---- the static scheduler -----------------------------------------------------------------
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Concurrent requests, gathered by Serve, answered by one static `generate` call."""
-        start = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._model_thread, self.engine.generate_static, requests)
-        self.stats.record(len(requests))
-        self._batch_size.observe(len(requests))
-        log.info("batch of %d request(s) in %.0f ms", len(requests), (time.perf_counter() - start) * 1000.0)
-        return results
+        return JSONResponse(api.completion_body(chat, self.engine.model_name, result))
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -404,7 +303,7 @@ class LlavaNextServer:
         return b"".join(chunks)
 
     def _log_done(self, chat: api.ChatRequest, result: GenerationResult, start: float) -> None:
-        ms = self._observe(200, start) if not chat.stream or self.engine.loop is None else None
+        ms = self._observe(200, start) if not chat.stream else None
         log.info(
             "request %s: %d image(s), %d prompt + %d completion tokens, finish %s, first token %.0f ms, %s ms",
             chat.request_id, len(chat.image_urls), result.num_input_tokens, result.num_output_tokens,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from actors.engine import expand_images, normalise_tiles, spec_tensors
+from actors.checkpoint import expand_images, normalise_tiles, spec_tensors
 from jobs import synthetic
 from jobs.make_tiny_model import TinyArch, build_untrained
 from pipeline.preprocess import AnyresSpec, prepare

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ray
 
 ENGINE_TOTALS = ("requests", "prefill_tokens_submitted", "prefill_tokens_computed", "prefill_tokens_matched",
-                 "generated_tokens", "image_encodings_requested", "image_encodings_run", "loop_restarts")
+                 "generated_tokens", "image_encodings_requested", "image_encodings_run", "isolated_steps")
 
 
 @ray.remote(num_cpus=0)

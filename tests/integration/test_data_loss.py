@@ -155,7 +155,7 @@ def test_a_job_stopped_on_two_cpus_keeps_its_progress(tiny_model, tmp_path, refe
     assert driver.wait(timeout=120) == 130
     text = log_path.read_text(errors="replace")
     assert "Traceback" not in text, text[-3000:]
-    assert "stopped by SIGINT" in text and f"--num-cpus 2 --resume" in text
+    assert "stopped by SIGINT" in text and "--num-cpus 2 --resume" in text
     kept = sum(pq.read_metadata(p).num_rows for p in complete_parquet_files(out))
     assert kept >= count // 3, f"only {kept} of {count} rows were in output files when the job stopped"
 

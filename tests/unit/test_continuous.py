@@ -126,7 +126,7 @@ def test_tokens_stream_while_generating_and_a_cancel_frees_the_slot(engine):
         seen.append(len(sub.tracker.tokens))
         if len(sub.tracker.tokens) >= 5 and not cancelled.is_set():
             cancelled.set()
-            engine.loop.cancel(sub)
+            engine.cancel(sub)
 
     sub = engine.submit(request, on_update)
     result = sub.future.result(timeout=60)
@@ -135,11 +135,12 @@ def test_tokens_stream_while_generating_and_a_cancel_frees_the_slot(engine):
     assert engine.stats()["running"] == 0
 
 
-def test_a_request_the_cache_cannot_hold_fails_alone(tiny_model):
-    """A KV cache of 512 tokens (32 pages of 16), smaller than the 1,024-token context."""
-    small = Engine(EngineConfig(model=tiny_model, max_new_tokens=12, page_size=16, kv_cache_mb=0.25))
+def test_a_request_no_slot_can_hold_fails_alone(tiny_model):
+    """A KV cache of 0.25 MB for two slots: 204 tokens each (a quarter more kept for prefixes)."""
+    small = Engine(EngineConfig(model=tiny_model, max_new_tokens=12, page_size=16, kv_cache_mb=0.25,
+                                max_running_requests=2))
     try:
-        assert small.loop.capacity_tokens == 512
+        assert small.loop.capacity_tokens == 204
         image = [encode(noise_image(64, 64, seed=8))]
         huge = _request(small, image, "What?", SamplingParams(max_new_tokens=600))
         good = _request(small, image, "What?")
@@ -170,21 +171,33 @@ def _settles(engine, **expected) -> bool:
     return False
 
 
+def _marker(engine, text: str) -> list[int]:
+    """Token ids of `text` that no ordinary prompt here carries."""
+    ordinary = set(engine.tokenizer(engine.format_question("What is shown in this image?", 1))["input_ids"])
+    return sorted(set(engine.tokenizer(text)["input_ids"]) - ordinary - set(engine.tokenizer.all_special_ids))
+
+
 def test_a_follower_cancelled_at_its_gate_leaves_nothing_behind(engine):
     """A request waiting for another's prefill of the same image is cancelled (its client left):
     it must neither start later nor stay counted as running, and the image stays usable."""
     image = [encode(noise_image(300, 80, seed=81))]
-    engine.generate([_request(engine, image, "Warm.", SamplingParams(max_new_tokens=1))])  # encoded, cached
-    release = threading.Event()
-    restore = fail_steps(engine, lambda ids: release.wait(30) and None)  # steps wait for `release`
+    hold, go = threading.Event(), threading.Event()
+    marker = torch.tensor(_marker(engine, "zebra quartz"))
+
+    def block(ids):  # the leader's prefill waits until the test has cancelled its follower
+        if torch.isin(ids, marker).any():
+            hold.set()
+            go.wait(30)
+        return None
+
+    restore = fail_steps(engine, block)
     try:
-        leader = engine.submit(_request(engine, image, "What is shown in this image?"))
-        assert _settles(engine, running=1)
+        leader = engine.submit(_request(engine, image, "Explain zebra quartz."))
+        assert hold.wait(30)  # the leader is prefilling
         follower = engine.submit(_request(engine, image, "Describe the colours."))
-        assert _settles(engine, running=1, waiting_on_prefill=1)  # held at the leader's gate
-        engine.loop.cancel(follower)
+        engine.cancel(follower)
     finally:
-        release.set()
+        go.set()
         restore()
     assert follower.future.result(timeout=60).finish_reason == "cancelled"
     assert leader.future.result(timeout=60).error is None
@@ -193,60 +206,56 @@ def test_a_follower_cancelled_at_its_gate_leaves_nothing_behind(engine):
     assert again.error is None and again.num_output_tokens > 0
 
 
-def test_images_that_fit_the_cache_alone_but_not_together_fail_alone(tiny_model):
-    from transformers import AutoConfig
-
-    from pipeline.preprocess import AnyresSpec
-
-    rows = AnyresSpec.from_checkpoint(tiny_model).num_image_tokens((64, 64))
-    row_bytes = AutoConfig.from_pretrained(tiny_model).text_config.hidden_size * 4  # float32 on CPU
-    engine = Engine(EngineConfig(model=tiny_model, max_new_tokens=4, page_size=16,
-                                 image_cache_mb=1.5 * rows * row_bytes / 2**20))
-    one = encode(noise_image(64, 64, seed=82))
-    try:
-        pair = engine.submit(_request(engine, [one, encode(noise_image(64, 64, seed=83))], "Compare them."))
-        single = engine.submit(_request(engine, [one], "What is shown in this image?"))
-        failed = pair.future.result(timeout=60)
-        assert failed.error is not None and "together" in failed.error and "--image-cache-mb" in failed.error
-        assert single.future.result(timeout=60).error is None
-    finally:
-        engine.close()
-    late = engine.submit(_request(engine, [one], "What?")).future.result(timeout=5)
-    assert late.error == "generate: the engine was shut down"
-
-
-def test_a_request_that_breaks_the_loop_fails_alone_and_the_others_are_answered(engine):
+def test_a_request_that_breaks_a_prefill_fails_alone_and_the_others_are_answered(engine):
     images = [[encode(noise_image(*GRID_SIZES[k], seed=20 + k))] for k in range(4)]
     good = [_request(engine, imgs, "What is shown in this image?") for imgs in images]
     expected = [r.token_ids for r in engine.generate(good)]
     bad = _request(engine, images[0], "Explain zebra quartz.")
-    poison = set(engine.tokenizer(bad.prompt)["input_ids"]) - {t for r in good for t in engine.tokenize(r)[0]}
-    assert poison
-    restore = fail_steps(engine, carrying(sorted(poison)))
+    restore = fail_steps(engine, carrying(_marker(engine, "zebra quartz")))
     try:
-        restarts = engine.stats()["loop_restarts"]
         results = engine.generate(good[:2] + [bad] + good[2:])
         assert results[2].error == "generate: RuntimeError: poisoned step"
         assert [r.token_ids for r in results[:2] + results[3:]] == expected
-        assert engine.stats()["loop_restarts"] > restarts
         assert engine.generate(good[:1])[0].token_ids == expected[0]
     finally:
         restore()
 
 
-def test_out_of_memory_shrinks_the_step_instead_of_failing_rows(tiny_model):
-    engine = Engine(EngineConfig(model=tiny_model, max_new_tokens=6, page_size=16, max_batch_tokens=512))
+def test_a_request_that_breaks_a_decode_step_fails_alone(engine):
+    """A decode step of many requests fails: each is run alone, and only the one that breaks it fails."""
+    images = [[encode(noise_image(*GRID_SIZES[k], seed=60 + k))] for k in range(6)]
+    requests = [_request(engine, imgs, "What is shown in this image?") for imgs in images]
+    answers = [r.token_ids for r in engine.generate(requests)]
+    prompts = {t for r in requests for t in engine.tokenize(r)[0]}
+    # A token only the last request generates (and not first): the steps that carry it are its own.
+    others = {t for a in answers[:-1] for t in a}
+    poison = sorted(set(answers[-1][1:]) - others - prompts)
+    assert poison, answers
+    restore = fail_steps(engine, carrying(poison))
     try:
-        requests = [_request(engine, [encode(noise_image(*GRID_SIZES[k % 4], seed=k))], "What is it?")
-                    for k in range(6)]
-        expected = [engine.generate([r])[0].token_ids for r in requests]
-        engine.loop.restart_loop()  # nothing cached: the next prefills are whole again
-        fail_steps(engine, lambda ids: torch.OutOfMemoryError("injected") if ids.numel() > 100 else None)
+        isolated = engine.stats()["isolated_steps"]
         results = engine.generate(requests)
-        assert [r.token_ids for r in results] == expected and all(r.error is None for r in results)
-        assert engine.loop.max_batch_tokens <= 64
+        assert results[-1].error == "generate: RuntimeError: poisoned step"
+        assert [r.token_ids for r in results[:-1]] == answers[:-1]
+        assert engine.stats()["isolated_steps"] > isolated
     finally:
-        engine.close()
+        restore()
+
+
+def test_out_of_memory_shrinks_the_prefill_step_instead_of_failing_rows(tiny_model, engine):
+    requests = lambda e: [_request(e, [encode(noise_image(*GRID_SIZES[k % 4], seed=k))], "What is it?",  # noqa: E731
+                                   SamplingParams(max_new_tokens=6)) for k in range(6)]
+    expected = [r.token_ids for r in engine.generate(requests(engine))]
+    small = Engine(EngineConfig(model=tiny_model, max_new_tokens=6, page_size=16, max_batch_tokens=512))
+    try:
+        fail_steps(small, lambda ids: torch.OutOfMemoryError("injected") if ids.numel() > 100 else None)
+        results = small.generate(requests(small))
+        assert [r.token_ids for r in results] == expected and all(r.error is None for r in results)
+        assert small.loop.scheduler.batch_tokens <= 64
+    finally:
+        small.close()
+    late = small.submit(requests(small)[0]).future.result(timeout=5)
+    assert late.error == "generate: the engine was shut down"
 
 
 def test_a_small_image_cache_evicts_and_answers_stay_right(tiny_model, engine):
@@ -272,7 +281,6 @@ def test_the_scheduler_in_use_is_reported(tiny_model, scheduler):
 
 
 def test_the_static_path_of_a_continuous_engine_still_equals_the_loop(engine):
-    """The loop's attention on CPU is registered under its own name; padded `generate` batches on
-    the same model must still get their masks."""
+    """The two schedulers share one model; neither may change what the other computes."""
     rows = [_request(engine, imgs, q, SamplingParams(max_new_tokens=n)) for imgs, q, n in _zoo()[:6]]
     assert [r.token_ids for r in engine.generate_static(rows)] == [r.token_ids for r in engine.generate(rows)]

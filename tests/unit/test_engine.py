@@ -7,7 +7,7 @@ call) run on `static_engine`; the continuous loop's own behaviour is in test_con
 import pytest
 import torch
 
-from actors import engine as engine_mod
+from actors import checkpoint as engine_mod
 from actors.engine import Engine
 from pipeline.config import EngineConfig, SamplingParams
 from pipeline.preprocess import decode, prepare

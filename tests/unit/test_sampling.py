@@ -1,28 +1,27 @@
-"""Per-request sampling inside the step: greedy rows untouched, seeded noise that depends only on
-(seed, position), and top-k/top-p that keep the right tokens."""
+"""Choosing tokens: greedy rows take the arg-max, seeded noise depends only on (seed, position),
+Gumbel-max samples the softmax, and top-k/top-p keep the right tokens."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-import pytest
 import torch
 
-from actors.sampling import SeededNoise, Temperature, TopK, TopP, gumbel, noise_key
+from actors.sampling import choose, gumbel, noise_key, top_k, top_p
+from pipeline.config import SamplingParams
 
 
-def _states(*params):
-    return [SimpleNamespace(state=SimpleNamespace(logit_processor_kwargs=p, position_offset=10)) for p in params]
+def test_greedy_rows_take_the_arg_max_whatever_else_the_step_samples():
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(), SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=0.0)]
+    chosen = choose(logits.clone(), params, [10, 10, 10])
+    assert chosen[0] == int(logits[0].argmax()) and chosen[2] == int(logits[2].argmax())
 
 
-@pytest.mark.parametrize("branch_free", [True, False])
-def test_greedy_rows_are_left_exactly_as_they_are(branch_free):
-    scores = torch.randn(2, 50)
-    rows = _states({}, {"temperature": 0.0})
-    out = scores.clone()
-    for proc in (Temperature(branch_free), TopK(branch_free), TopP(branch_free), SeededNoise(branch_free)):
-        out = proc(out, proc.prepare_tensor_args(rows))
-    assert torch.equal(out, scores)
+def test_a_seeded_row_is_the_same_alone_or_amid_others():
+    logits = torch.randn(3, 50)
+    seeded = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=11)
+    alone = choose(logits[1:2].clone(), [seeded], [7])
+    amid = choose(logits.clone(), [SamplingParams(temperature=1.3, seed=5), seeded, SamplingParams()], [3, 7, 9])
+    assert alone[0] == amid[1]
 
 
 def test_noise_depends_only_on_seed_and_position():
@@ -40,10 +39,17 @@ def test_gumbel_max_samples_the_softmax():
     assert torch.allclose(freq, logits.softmax(-1), atol=0.015), freq
 
 
+def test_sampling_at_a_temperature_follows_the_softmax():
+    logits = torch.tensor([[1.0, 0.5, 0.0, -0.5]]).repeat(6000, 1)
+    params = [SamplingParams(temperature=2.0, seed=s) for s in range(6000)]
+    freq = torch.bincount(torch.tensor(choose(logits, params, [0] * 6000)), minlength=4).float() / 6000
+    assert torch.allclose(freq, (logits[0] / 2.0).softmax(-1), atol=0.025), freq
+
+
 def test_top_k_and_top_p_keep_the_best_tokens():
     scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
-    k = TopK()(scores, TopK().prepare_tensor_args(_states({"top_k": 2}, {"top_k": 0})))
+    k = top_k(scores, torch.tensor([2, 0]))
     assert torch.isinf(k[0, 2:]).all() and torch.isfinite(k[0, :2]).all() and torch.isfinite(k[1]).all()
-    p = TopP()(scores, TopP().prepare_tensor_args(_states({"top_p": 0.7}, {"top_p": 0.85})))
+    p = top_p(scores, torch.tensor([0.7, 0.85]))
     assert torch.isfinite(p[0, :2]).all() and torch.isinf(p[0, 2:]).all()
     assert torch.isfinite(p[1, :3]).all() and torch.isinf(p[1, 3])

@@ -1,0 +1,88 @@
+"""One chat request's answer from the engine, whole or streamed as server-sent events.
+
+Plain asyncio around `Engine.submit` / `Engine.cancel`, the same for both schedulers, with no Ray
+and no web framework. A streamed reply sends each piece of text as soon as it is final (the
+continuous scheduler reports tokens as they come; the static one answers whole, and its pieces
+go out at the end); the pieces join to exactly the plain answer. A client that goes away closes
+the stream, which cancels the request in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from actors import openai_api as api
+from pipeline.schemas import GenerationRequest, GenerationResult
+
+
+async def answer(engine: Any, generation: GenerationRequest) -> GenerationResult:
+    """The whole answer; a client that leaves (the task is cancelled) cancels it in the engine."""
+    submission = engine.submit(generation)
+    try:
+        return await asyncio.wrap_future(submission.future)
+    finally:
+        engine.cancel(submission)  # a no-op once it is done
+
+
+async def started(stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Run a stream to its first event now, so a request the engine refuses at once is an error
+    reply rather than a stream, and a started stream owns its request from here on."""
+    first = await stream.__anext__()
+
+    async def rest() -> AsyncIterator[str]:
+        yield first
+        async for event in stream:
+            yield event
+
+    return rest()
+
+
+async def stream(engine: Any, chat: api.ChatRequest, generation: GenerationRequest, interval_s: float,
+                 on_end: Callable[[GenerationResult | None, api.ApiError | None], None]) -> AsyncIterator[str]:
+    """Server-sent events of one reply. `on_end(result, error)` is called once when the stream
+    ends (result and error both None when the client left first); pieces go out at least
+    `interval_s` apart, those made meanwhile together."""
+    loop = asyncio.get_running_loop()
+    updates: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def on_update(submission) -> None:  # on the engine's loop thread
+        loop.call_soon_threadsafe(updates.put_nowait, submission.tracker.stable())
+
+    submission = engine.submit(generation, on_update if engine.streams else None)
+    submission.future.add_done_callback(lambda _: loop.call_soon_threadsafe(updates.put_nowait, None))
+    if submission.future.done() and submission.future.result().error is not None:
+        raise api.engine_error(submission.future.result().error, chat.request_id)
+    chunks = api.Chunks(chat, engine.model_name)
+    sent, result, error = "", None, None
+    try:
+        yield chunks.role()
+        last = -interval_s
+        while (text := await updates.get()) is not None:
+            if (wait := last + interval_s - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            while text is not None and not updates.empty():  # pieces that piled up go out as one
+                text = updates.get_nowait()
+            if text is None:
+                break
+            if len(text) > len(sent) and text.startswith(sent):
+                yield chunks.content(text[len(sent):])
+                sent, last = text, loop.time()
+        result = submission.future.result()
+        if result.error is not None:
+            error = api.engine_error(result.error, chat.request_id)
+            yield f"data: {json.dumps(error.body())}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        rest = result.response[len(sent):] if result.response.startswith(sent) else ""
+        if rest:
+            pieces = [rest] if sent or engine.streams else api.text_deltas(rest, result.token_ids, engine.decode)
+            for piece in pieces:
+                yield chunks.content(piece)
+        for event in chunks.end(result):
+            yield event
+    finally:
+        engine.cancel(submission)
+        on_end(result, error)
