@@ -217,62 +217,42 @@ class ContinuousLoop:
 
     def _step(self, plan: Plan) -> dict[str, int] | None:
         """The plan's tokens by request key; requests that broke the model are failed on the way.
-        None when the step must be planned again (a prefill out of memory: a smaller budget)."""
-        if plan.chunks:
-            return self._prefill(plan)
-        view, active = plan.view, [r.status is Status.DECODING for r in plan.view]
+        None when the step must be planned again (images that failed to encode, or a prefill out
+        of memory, now with a smaller budget)."""
         try:
-            logits = self.runner.decode(view, active)
-        except Exception as exc:
-            log.warning("a decode step of %d request(s) failed (%s: %s); running them one at a time",
-                        len(plan.decode), type(exc).__name__, exc)
-            self.scheduler.counters.isolated_steps += 1
-            return self._decode_alone(plan.decode)
-        rows = [i for i, on in enumerate(active) if on]
-        return self._choose([view[i] for i in rows], logits[rows])
-
-    def _prefill(self, plan: Plan) -> dict[str, int] | None:
-        requests = [c.request for c in plan.chunks]
-        try:
-            self.runner.ensure_features(requests)
+            self.runner.ensure_features([c.request for c in plan.chunks])
         except ImageEncodingError as exc:
             log.error("%s", exc)
-            self._failed += [(r, f"generate: {exc}") for r in requests if any(i.digest in exc.digests for i in r.images)]
+            self._failed += [(c.request, f"generate: {exc}") for c in plan.chunks
+                             if any(i.digest in exc.digests for i in c.request.images)]
             return None
-        tokens: dict[str, int] = {}
-        for chunk in plan.chunks:
-            if chunk.request.status is Status.FINISHED:
-                continue
-            try:
-                logits = self.runner.prefill(chunk)
-            except torch.OutOfMemoryError:
-                if self.scheduler.batch_tokens <= self.page:
-                    self._failed.append((chunk.request, "generate: out of memory on a single prefill chunk"))
-                    continue
+        try:
+            return self._compute(plan.chunks, plan.view, [r.status is Status.DECODING for r in plan.view])
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if plan.chunks and self.scheduler.batch_tokens > self.page:
                 self.scheduler.batch_tokens = max(self.page, self.scheduler.batch_tokens // 2)
-                log.warning("out of memory in a prefill: %d tokens per prefill step from now on",
-                            self.scheduler.batch_tokens)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                log.warning("out of memory: %d tokens per step from now on", self.scheduler.batch_tokens)
                 return None
+            log.warning("out of memory on a step of %d request(s); running them one at a time", len(plan.requests))
+        except Exception as exc:
+            log.warning("a step of %d request(s) failed (%s: %s); running them one at a time",
+                        len(plan.requests), type(exc).__name__, exc)
+        self.scheduler.counters.isolated_steps += 1
+        tokens: dict[str, int] = {}
+        for request, chunks, view in [*((c.request, [c], []) for c in plan.chunks),
+                                      *((r, [], [r]) for r in plan.decode)]:
+            try:
+                tokens.update(self._compute(chunks, view, [True] * len(view)))
             except Exception as exc:
-                log.exception("prefill failed for request %s", chunk.request.key)
-                self._failed.append((chunk.request, f"generate: {type(exc).__name__}: {exc}"))
-                continue
-            if logits is not None:
-                tokens.update(self._choose([chunk.request], logits.unsqueeze(0)))
+                log.exception("request %s fails the model", request.key)
+                self._failed.append((request, f"generate: {type(exc).__name__}: {exc}"))
         return tokens
 
-    def _decode_alone(self, requests: list[Request]) -> dict[str, int]:
-        tokens: dict[str, int] = {}
-        for request in requests:
-            try:
-                logits = self.runner.decode([request], [True])
-            except Exception as exc:
-                self._failed.append((request, f"generate: {type(exc).__name__}: {exc}"))
-                continue
-            tokens.update(self._choose([request], logits))
-        return tokens
+    def _compute(self, chunks: list, view: list[Request], active: list[bool]) -> dict[str, int]:
+        chosen, logits = self.runner.run(chunks, view, active)
+        return self._choose(chosen, logits) if chosen else {}
 
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> dict[str, int]:
         params = [r.payload.params for r in requests]

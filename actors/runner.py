@@ -1,28 +1,27 @@
 """Running the model on a step the scheduler planned: the KV slots, stored prefixes, image features.
 
 The runner owns every tensor of the continuous loop, and nothing else: the scheduler
-(actors/scheduler.py) decides, the runner computes. The language model is transformers' own
-modelling code, called with three things it accepts from any caller: `inputs_embeds` (text
-embeddings with each image's features written over its placeholder positions, so the model is
-never rewired), explicit `position_ids`, a 4D boolean attention mask (which transformers passes
-to `sdpa` as it is), and a cache object whose `update` writes this step's keys and values into
-the request's slot and returns the slot's keys and values so far.
+(actors/scheduler.py) decides, the runner computes. A step is one forward of transformers' own
+decoder layers over a packed sequence: the embeddings of the prompt chunks being prefilled (text
+looked up, each image's features written over its placeholder positions, so the model is never
+rewired) followed by the last token of every decoding request, with explicit positions; the
+attention of each part reads its own slot (actors/attention.py).
 
 KV layout: `(layers, slots, kv_heads, slot_tokens, head_dim)` for keys and for values. Running
-requests hold slots 0..n-1 (see the scheduler), so a decode step attends over one view
-`[:n, :, :longest]` with a mask of each row's length: one attention call per layer for the whole
-batch, no gather, no copy. A prefill chunk writes and reads its own slot. The same code runs on
-a GPU; there `sdpa` picks its fused kernels.
+requests hold slots 0..n-1 (see the scheduler), so the decode rows attend over one view
+`[:n, :, :longest]` with a mask of each row's length: one attention call per layer for all of
+them, no gather, no copy. The same code runs on a GPU; there `sdpa` picks its fused kernels.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 
+from actors import attention
+from actors.attention import ChunkSpan, DecodeSpan, SlotStep
 from actors.scheduler import Chunk, Move, PrefixKey, Request
 
 log = logging.getLogger(__name__)
@@ -34,40 +33,6 @@ class ImageEncodingError(RuntimeError):
     def __init__(self, digests: list[str], cause: Exception):
         super().__init__(f"image encoding failed: {type(cause).__name__}: {cause}")
         self.digests = digests
-
-
-@dataclass
-class _Step:
-    """What the cache object needs for one forward: the rows' slots (a range, read as a view, or
-    any slots, gathered), the positions each row writes, and how many positions every row reads."""
-
-    slots: slice | torch.Tensor
-    write: torch.Tensor  # (rows, q)
-    read: int
-
-
-class SlotCache:
-    """The object transformers' attention calls `update` on: writes this step's keys and values
-    into the rows' slots, returns the slots' keys and values up to `read`."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, step: _Step):
-        self.keys, self.values, self.step = keys, values, step
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        step, k, v = self.step, self.keys[layer_idx], self.values[layer_idx]
-        ranged = isinstance(step.slots, slice)
-        if key_states.shape[2] > 1:  # a prefill chunk: one row, consecutive positions
-            slot = step.slots.start if ranged else int(step.slots[0])
-            start, end = int(step.write[0, 0]), int(step.write[0, -1]) + 1
-            k[slot, :, start:end] = key_states[0]
-            v[slot, :, start:end] = value_states[0]
-        else:
-            rows = torch.arange(step.slots.start, step.slots.stop, device=k.device) if ranged else step.slots
-            k[rows, :, step.write[:, 0]] = key_states[:, :, 0]
-            v[rows, :, step.write[:, 0]] = value_states[:, :, 0]
-        if ranged:
-            return k[step.slots, :, : step.read], v[step.slots, :, : step.read]
-        return k.index_select(0, step.slots)[:, :, : step.read], v.index_select(0, step.slots)[:, :, : step.read]
 
 
 class FeatureCache:
@@ -125,6 +90,7 @@ class Runner:
         self.features = FeatureCache(image_cache_bytes)
         self.vision_batch_tiles = vision_batch_tiles
         self.device = device
+        attention.install(model)
 
     @staticmethod
     def kv_bytes_per_token(checkpoint) -> int:
@@ -188,52 +154,67 @@ class Runner:
             if lo < hi:
                 features = self.features.get(image.digest)
                 embeds[lo - start : hi - start] = features[lo - image.start : hi - image.start].to(embeds.dtype)
-        return embeds.unsqueeze(0)
+        return embeds
 
     # ---- the model ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, chunk: Chunk) -> torch.Tensor | None:
-        """Compute one chunk of a prompt into its slot; the logits of its last position when the
-        chunk ends the prompt (None otherwise)."""
-        request, slot = chunk.request, chunk.request.slot
-        if chunk.copy_prefix is not None:
-            keys, values = self.prefixes[chunk.copy_prefix]
-            self.keys[:, slot, :, : chunk.start] = keys[:, :, : chunk.start]
-            self.values[:, slot, :, : chunk.start] = values[:, :, : chunk.start]
-        start, end = chunk.start, chunk.end
-        positions = torch.arange(start, end, device=self.device).unsqueeze(0)
-        keys_at = torch.arange(end, device=self.device)
-        mask = (keys_at.unsqueeze(0) <= positions.transpose(0, 1)).view(1, 1, end - start, end)
-        step = _Step(slots=slice(slot, slot + 1), write=positions, read=end)
-        hidden = self._forward(self._embeds(request, start, end), positions, mask, step)
-        if chunk.store_prefix is not None:
-            n = request.prefix_len
-            self.prefixes[chunk.store_prefix] = (self.keys[:, slot, :, :n].clone(), self.values[:, slot, :, :n].clone())
-        return self.lm_head(hidden[0, -1:]).float()[0] if chunk.last else None
+    def run(self, chunks: list[Chunk], view: list[Request], active: list[bool]) -> tuple[list[Request], torch.Tensor]:
+        """One forward over prompt chunks and decode rows together (see actors/attention.py).
 
-    @torch.inference_mode()
-    def decode(self, rows: list[Request], active: list[bool]) -> torch.Tensor:
-        """One token for each active row: `(rows, vocab)` logits (inactive rows' are meaningless).
-
-        `rows` are the requests in slots 0..n-1 (read as one view) or, when isolating a failure,
-        any requests (gathered). An inactive row is a request still prefilling: it is fed at its
-        next prompt position, which its next chunk overwrites, so the view stays contiguous.
+        `view` are the requests in slots 0..n-1 (or, when isolating a failure, any requests) and
+        `active` says which of them decode; the others are still prefilling and ride along.
+        Returns the requests that get a token (chunks that end their prompt, then the active
+        rows) and their `(requests, vocab)` logits.
         """
-        n = len(rows)
-        positions = torch.tensor([[r.filled if on else r.computed] for r, on in zip(rows, active)], device=self.device)
-        read = int(positions.max()) + 1
-        mask = (torch.arange(read, device=self.device).unsqueeze(0) <= positions).view(n, 1, 1, read)
-        ids = torch.tensor([r.tokens[-1] if on else 0 for r, on in zip(rows, active)], device=self.device)
-        ranged = all(r.slot == i for i, r in enumerate(rows))
-        slots = slice(0, n) if ranged else torch.tensor([r.slot for r in rows], device=self.device)
-        hidden = self._forward(self.embed(ids).unsqueeze(1), positions, mask, _Step(slots, positions, read))
-        return self.lm_head(hidden[:, -1]).float()
+        embeds, positions, spans, picks, chosen = [], [], [], [], []
+        at = 0
+        for chunk in chunks:
+            request, n = chunk.request, chunk.end - chunk.start
+            if chunk.copy_prefix is not None:
+                keys, values = self.prefixes[chunk.copy_prefix]
+                self.keys[:, request.slot, :, : chunk.start] = keys[:, :, : chunk.start]
+                self.values[:, request.slot, :, : chunk.start] = values[:, :, : chunk.start]
+            embeds.append(self._embeds(request, chunk.start, chunk.end))
+            positions.append(torch.arange(chunk.start, chunk.end, device=self.device))
+            spans.append(ChunkSpan(at, at + n, request.slot, chunk.start, chunk.end))
+            if chunk.last:
+                picks.append(at + n - 1)
+                chosen.append(request)
+            at += n
+        decode = None
+        if view:
+            rows = torch.tensor([r.filled if on else r.computed for r, on in zip(view, active)], device=self.device)
+            read = int(rows.max()) + 1
+            mask = (torch.arange(read, device=self.device).unsqueeze(0) <= rows.unsqueeze(1)).view(len(view), 1, 1, read)
+            ranged = all(r.slot == i for i, r in enumerate(view))
+            slots = slice(0, len(view)) if ranged else torch.tensor([r.slot for r in view], device=self.device)
+            decode = DecodeSpan(at, at + len(view), slots, rows, mask)
+            ids = torch.tensor([r.tokens[-1] if on else 0 for r, on in zip(view, active)], device=self.device)
+            embeds.append(self.embed(ids))
+            positions.append(rows)
+            picks += [at + i for i, on in enumerate(active) if on]
+            chosen += [r for r, on in zip(view, active) if on]
+        step = SlotStep(self.keys, self.values, spans, decode)
+        hidden = self._forward(torch.cat(embeds).unsqueeze(0), torch.cat(positions).unsqueeze(0), step)
+        for chunk in chunks:
+            if chunk.store_prefix is not None:
+                slot, n = chunk.request.slot, chunk.request.prefix_len
+                self.prefixes[chunk.store_prefix] = (self.keys[:, slot, :, :n].clone(),
+                                                     self.values[:, slot, :, :n].clone())
+        logits = self.lm_head(hidden[0, torch.tensor(picks, device=self.device)]).float() if picks else None
+        return chosen, logits
 
-    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, step: _Step) -> torch.Tensor:
-        out = self.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
-                                  cache=SlotCache(self.keys, self.values, step), use_cache=True)
-        return out.last_hidden_state
+    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, step: SlotStep) -> torch.Tensor:
+        """The language model's layers over the packed step (its own forward, minus the mask and
+        cache machinery: `slot_attention` reads and writes the slots itself)."""
+        lm = self.language_model
+        rotary = lm.rotary_emb(embeds, position_ids=positions)
+        hidden = embeds
+        for layer in lm.layers[: lm.config.num_hidden_layers]:
+            hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary,
+                           llava_step=step)
+        return lm.norm(hidden)
 
     def stats(self) -> dict[str, int]:
         f = self.features

