@@ -108,7 +108,7 @@ class ContinuousLoop:
         self.runner = Runner(checkpoint, cfg.max_running_requests, self.slot_tokens,
                              int(cfg.image_cache_mb * 2**20), cfg.vision_batch_tiles)
         self.scheduler = Scheduler(cfg.max_running_requests, self.slot_tokens, batch_tokens, prefix_tokens,
-                                   frozenset(checkpoint.eos_ids))
+                                   frozenset(checkpoint.eos_ids), min_chunk=cfg.page_size)
         self.page = cfg.page_size
         self._inbox: queue.SimpleQueue[tuple[str, Submission]] = queue.SimpleQueue()
         self._wake = threading.Event()

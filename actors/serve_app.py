@@ -154,24 +154,27 @@ class LlavaNextServer:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         """Key, then the whole body under one deadline, then admission: a client that sends its body
-        slowly, or no key, never holds a slot another client could use."""
+        slowly, or no key, never holds a slot another client could use (a full replica refuses at
+        once, before the body)."""
         start = time.perf_counter()
         try:
             self._authorize(request)
+            self._check_room()  # a full replica says so at once, without reading the body
             raw = await self._read_body(request)
         except api.ApiError as exc:
             return self._refuse(exc, start)
-        except ClientDisconnect:
+        except (ClientDisconnect, asyncio.CancelledError) as exc:
+            # Serve's proxy either passes the disconnect on or cancels this call: either way, a cancel.
             self._requests.inc(tags={"status": "cancelled"})
             self.stats.outcome("cancelled")
             log.info("the client left while sending its request body")
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return Response(status_code=499)
-        bound = admission_bound(self.options)
-        if bound is not None and self._admitted >= bound:
-            return self._refuse(api.ApiError(
-                503, f"the server is busy: {self._admitted} requests running or queued; retry later",
-                "server_error", "queue_full",
-            ), start)
+        try:
+            self._check_room()
+        except api.ApiError as exc:
+            return self._refuse(exc, start)
         self._admitted += 1
         handed_over = False
         try:
@@ -202,6 +205,13 @@ class LlavaNextServer:
         else:
             self._observe(200, start)
             self._log_done(chat, result, start)
+
+    def _check_room(self) -> None:
+        """The OpenAI-shaped 503 when this replica already holds all the requests it takes."""
+        bound = admission_bound(self.options)
+        if bound is not None and self._admitted >= bound:
+            raise api.ApiError(503, f"the server is busy: {self._admitted} requests running or queued; retry later",
+                               "server_error", "queue_full")
 
     def _refuse(self, exc: api.ApiError, start: float) -> JSONResponse:
         self._observe(exc.status, start)

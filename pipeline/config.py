@@ -53,10 +53,11 @@ class EngineConfig:
     `temperature == 0` means greedy decoding; `seed` makes sampling repeatable. `scheduler`
     `continuous` steps every running request together token by token (requests join and leave
     at any step); `static` runs whole left-padded batches through `generate`. The continuous
-    loop's memory: `kv_cache_mb` of paged KV cache (None: sized by transformers from free GPU
-    memory; on CPU room for every running request at up to 1,024 tokens) in pages of `page_size` tokens, and `image_cache_mb` of encoded
-    images; `max_batch_tokens` tokens per step (None: 1024 on CPU, automatic on GPU) for at most
-    `max_running_requests` requests; `vision_batch_tiles` tiles per vision-tower call.
+    loop's memory: `kv_cache_mb` of KV cache, one slot per running request and a quarter more for
+    stored prefixes (None: 80 % of free GPU memory; on CPU room for every running request at up to
+    1,024 tokens), and `image_cache_mb` of encoded images; `max_batch_tokens` tokens per step
+    (None: 1024 on CPU, 8192 on GPU) for at most `max_running_requests` requests, prompt chunks of
+    at least `page_size` tokens; `vision_batch_tiles` tiles per vision-tower call.
     """
 
     model: str
@@ -351,12 +352,14 @@ ENGINE_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("quantization", "--quantization", "bitsandbytes weight quantization"),
     ("scheduler", "--scheduler", "continuous: requests join and leave the running batch at every token step; "
                                  "static: whole batches through generate"),
-    ("kv_cache_mb", "--kv-cache-mb", "paged KV cache per engine (unset: from free GPU memory; on CPU room for "
-                                     "every running request at up to 1,024 tokens)"),
+    ("kv_cache_mb", "--kv-cache-mb", "KV cache per engine: a slot per running request, a quarter more for stored "
+                                     "prefixes (unset: 80%% of free GPU memory; on CPU room for every running "
+                                     "request at up to 1,024 tokens)"),
     ("image_cache_mb", "--image-cache-mb", "encoded images kept per engine, so a repeated image is encoded once"),
     ("max_running_requests", "--max-running-requests", "requests stepped together"),
-    ("max_batch_tokens", "--max-batch-tokens", "tokens per model step (unset: 1024 on CPU, automatic on GPU)"),
-    ("page_size", "--page-size", "KV cache page in tokens"),
+    ("max_batch_tokens", "--max-batch-tokens", "tokens per model step (unset: 1024 on CPU, 8192 on GPU)"),
+    ("page_size", "--page-size", "the smallest prompt chunk of a step, in tokens (and the floor the step's "
+                                 "tokens are halved to after out of memory)"),
     ("vision_batch_tiles", "--vision-batch-tiles", "image tiles per vision-tower call"),
 )
 _CHOICES = {"prompt_format": PROMPT_FORMATS, "dtype": DTYPES, "attn_implementation": ATTN_IMPLEMENTATIONS,

@@ -284,3 +284,41 @@ def test_the_static_path_of_a_continuous_engine_still_equals_the_loop(engine):
     """The two schedulers share one model; neither may change what the other computes."""
     rows = [_request(engine, imgs, q, SamplingParams(max_new_tokens=n)) for imgs, q, n in _zoo()[:6]]
     assert [r.token_ids for r in engine.generate_static(rows)] == [r.token_ids for r in engine.generate(rows)]
+
+
+def test_the_memory_plan_a_gpu_gets(monkeypatch):
+    """The slots a GPU engine would size from its free memory (80 %), and what --kv-cache-mb and a
+    CPU get, checked without CUDA."""
+    from actors.continuous import memory_plan
+
+    cfg = EngineConfig(model="m", max_running_requests=4, page_size=16)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**20, 80 * 2**20))
+    per_token = 2**20 // 100  # a hundred tokens a megabyte
+    slot, prefix = memory_plan(cfg, 4096, per_token, torch.device("cuda"))
+    budget = int(40 * 2**20 * 0.8) // per_token  # 3,200 tokens: four slots of 640, and 640 for prefixes
+    assert (slot, prefix) == (int(budget / 1.25) // 4, budget - 4 * (int(budget / 1.25) // 4)) == (640, 640)
+    assert memory_plan(cfg, 500, per_token, torch.device("cuda"))[0] == 500  # never past the context
+    assert memory_plan(cfg, 4096, per_token, torch.device("cpu"))[0] == 1024
+    assert memory_plan(EngineConfig(model="m", max_running_requests=4, kv_cache_mb=5), 4096, per_token,
+                       torch.device("cpu"))[0] == 100
+
+
+def test_the_gpu_settings_give_the_same_tokens_on_cpu(tiny_model, engine, monkeypatch):
+    """What only a GPU would run: KV slots sized from free memory, 8,192 tokens a step (every
+    prompt of the zoo in one step with the decode rows), forced here on CPU."""
+    from actors import continuous
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 * 2**20, 128 * 2**20))
+    real_plan = continuous.memory_plan
+    monkeypatch.setattr(continuous, "memory_plan",
+                        lambda cfg, context, per_token, device: real_plan(cfg, context, per_token, torch.device("cuda")))
+    gpu_like = Engine(EngineConfig(model=tiny_model, max_new_tokens=12, page_size=16, max_batch_tokens=8192))
+    try:
+        assert gpu_like.loop.capacity_tokens == 1024  # the context: 64 MB leaves more than that a slot
+        rows = [_request(engine, imgs, q, SamplingParams(max_new_tokens=n)) for imgs, q, n in _zoo()]
+        got = gpu_like.generate(rows)
+        assert [g.token_ids for g in got] == [r.token_ids for r in engine.generate(rows)]
+        # Every prompt in the first step (those sharing an image prefix in the second), then the answers.
+        assert gpu_like.stats()["steps"] <= 2 + 12
+    finally:
+        gpu_like.close()
