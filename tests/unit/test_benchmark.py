@@ -58,3 +58,24 @@ def test_gpu_suite_runs_or_says_why_not(tmp_path):
         _assert_ratios(report)
     else:
         assert report["skipped"] and "CUDA" in report["skipped"] and report["ratios"] == {}
+
+
+def test_peers_suite_without_a_peer_says_how_to_get_one(tmp_path):
+    report = _run("peers", tmp_path)
+    assert report["skipped"] and "--vllm-python" in report["skipped"] and report["ratios"] == {}
+
+
+def test_the_peer_gets_the_hub_key_layout(tmp_path, tiny_model):
+    """vLLM reads `vision_tower.vision_model.*`; transformers 5 saves `vision_tower.*` (same tensors)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from jobs.bench.peers import hub_layout
+
+    ours = load_file(str(Path(tiny_model) / "model.safetensors"))
+    theirs = load_file(str(hub_layout(Path(tiny_model), tmp_path / "hub") / "model.safetensors"))
+    assert len(theirs) == len(ours) and any(k.startswith("vision_tower.vision_model.") for k in theirs)
+    for key, tensor in ours.items():
+        renamed = "vision_tower.vision_model." + key[len("vision_tower."):] if key.startswith("vision_tower.") else key
+        assert theirs[renamed].equal(tensor)
