@@ -10,8 +10,9 @@ from CPU workers and are normalised here, on the model's device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from pipeline import prompts
 from pipeline.config import EngineConfig, SamplingParams
 from pipeline.preprocess import AnyresSpec, image_digest
 from pipeline.schemas import GenerationRequest
+
+if TYPE_CHECKING:
+    from actors.constraints import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +218,15 @@ class Checkpoint:
             else:
                 ids.append(token)
         return text, ids
+
+    @functools.cached_property
+    def grammars(self) -> "Grammars":
+        """The constraint compiler for this checkpoint, built on first use (about a second for a
+        large vocabulary), its masks as wide as the lm_head."""
+        from actors.constraints import Grammars
+
+        rows = int(self.model.config.text_config.vocab_size)
+        return Grammars(self.tokenizer, rows, sorted(self.eos_ids))
 
     def max_char_tokens(self) -> int:
         """The most characters one token stands for: a text of N characters has at least N / this tokens."""

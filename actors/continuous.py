@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from actors.answer import Answer, ChoiceTokens, choice_probs, masks, take
+from actors.constraints import ConstraintError
 from actors.runner import ImageEncodingError, Runner
 from actors.sampling import choose
 from actors.scheduler import Image, Plan, Request, Scheduler, Status
@@ -59,6 +61,8 @@ class Submission:
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     state: Request | None = None
+    answer: Answer | None = None
+    choice_probs: dict[str, float] | None = None
 
     @property
     def done(self) -> bool:
@@ -146,6 +150,10 @@ class ContinuousLoop:
             return self._resolve_error(sub, f"prompt: {exc}")
         sub.prompt_tokens = len(ids)
         sub.params = params = self.checkpoint.fit(len(ids), params)  # an answer never runs past the context
+        try:
+            sub.answer = Answer.start(params, self.checkpoint.grammars if params.constraint else None)
+        except ConstraintError as exc:
+            return self._resolve_error(sub, f"prompt: {exc}")
         digests = request.image_digests or [self.checkpoint.digest(t, tuple(s))
                                             for t, s in zip(request.tiles, request.image_sizes)]
         counts = [self.checkpoint.spec.num_image_tokens(tuple(int(v) for v in s)) for s in request.image_sizes]
@@ -255,9 +263,13 @@ class ContinuousLoop:
         return self._choose(chosen, logits) if chosen else {}
 
     def _choose(self, requests: list[Request], logits: torch.Tensor) -> dict[str, int]:
+        """Each request's next token, under its constraint; its answer takes the token."""
         params = [r.payload.params for r in requests]
         positions = [len(r.prompt) + len(r.tokens) for r in requests]
-        return {r.key: t for r, t in zip(requests, choose(logits, params, positions))}
+        answers = [r.payload.answer for r in requests]
+        chosen = choose(logits, params, positions, masks(answers, logits.shape[-1], logits.device))
+        take(answers, logits, chosen, [not r.tokens for r in requests])
+        return {r.key: t for r, t in zip(requests, chosen)}
 
     def _after(self, changed: list[Request]) -> None:
         """Stop strings, listeners and endings for the requests that got a token."""
@@ -268,10 +280,27 @@ class ContinuousLoop:
             if sub.params.stop or sub.on_update is not None:
                 if sub.tracker.update(request.tokens):
                     self.scheduler.finish(request, "stop")
+            if sub.answer.stopped:  # the grammar is complete: nothing can follow
+                self.scheduler.finish(request, "stop")
+            if sub.answer.first_logits is not None and sub.choice_probs is None:
+                self._score_choices(request)
             if request.status is Status.FINISHED:
                 self._resolve(sub)
             elif sub.on_update is not None:
                 sub.on_update(sub)
+
+    def _score_choices(self, request: Request) -> None:
+        """Every choice's probability as the whole answer, from the request's prefilled prompt; a
+        greedy request is answered with the most probable choice at once."""
+        sub: Submission = request.payload
+        choices = ChoiceTokens.of(sub.params.constraint.options, self.checkpoint.tokenizer,
+                                  min(self.checkpoint.eos_ids))
+        rows = self.runner.score(request, sub.answer.first_logits, choices.ids)
+        sub.choice_probs, best = choice_probs(choices, rows)
+        if sub.params.temperature == 0 and rows[best] is not None and request.status is not Status.FINISHED:
+            sub.answer.settle(choices.ids[best], rows[best])
+            request.tokens = list(choices.ids[best])
+            self.scheduler.finish(request, "stop")
 
     # ---- endings ------------------------------------------------------------------------------
 
@@ -288,12 +317,16 @@ class ContinuousLoop:
         tracker = sub.tracker
         stopped = tracker.stopped
         tokens = tracker.tokens if stopped else list(state.tokens)
+        if state.finish_reason == "length" and (incomplete := sub.answer.incomplete(len(tokens))):
+            self._resolve_error(sub, incomplete)
+            return
         result = GenerationResult(
             response=tracker.text if stopped else self.checkpoint.decode(tokens),
             num_input_tokens=sub.prompt_tokens, num_output_tokens=len(tokens), num_image_tokens=sub.image_tokens,
             finish_reason="stop" if stopped else state.finish_reason, token_ids=tokens,
             generation_ms=(time.perf_counter() - sub.started) * 1000.0,
-            first_token_ms=(sub.first_token_s or 0.0) * 1000.0,
+            first_token_ms=(sub.first_token_s or 0.0) * 1000.0, choice_probs=sub.choice_probs,
+            **(sub.answer.fields() if sub.answer is not None else {}),
         )
         if not sub.future.done():
             sub.future.set_result(result)

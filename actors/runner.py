@@ -205,6 +205,34 @@ class Runner:
         logits = self.lm_head(hidden[0, torch.tensor(picks, device=self.device)]).float() if picks else None
         return chosen, logits
 
+    @torch.inference_mode()
+    def score(self, request: Request, first_logits: torch.Tensor, continuations: list[list[int]]) -> list:
+        """For each continuation of the request's whole prompt (which its slot holds), the
+        `(tokens, vocab)` log-probabilities each of its tokens was chosen from; None for one that
+        would not fit the slot.
+
+        The first token's come from the prompt's last logits; the rest from one forward of the
+        continuation at the positions after the prompt, which the answer's own tokens overwrite
+        later (a slot holds the prompt and a whole answer).
+        """
+        start, slot = len(request.prompt), request.slot
+        first = first_logits.float().log_softmax(dim=-1).unsqueeze(0)
+        out = []
+        for tokens in continuations:
+            if start + len(tokens) - 1 > self.keys.shape[3]:
+                out.append(None)
+                continue
+            rows = [first]
+            if len(tokens) > 1:
+                fed = torch.tensor(tokens[:-1], device=self.device)
+                end = start + len(fed)
+                step = SlotStep(self.keys, self.values, [ChunkSpan(0, len(fed), slot, start, end)])
+                positions = torch.arange(start, end, device=self.device).unsqueeze(0)
+                hidden = self._forward(self.embed(fed).unsqueeze(0), positions, step)
+                rows.append(self.lm_head(hidden[0]).float().log_softmax(dim=-1))
+            out.append(torch.cat(rows))
+        return out
+
     def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, step: SlotStep) -> torch.Tensor:
         """The language model's layers over the packed step (its own forward, minus the mask and
         cache machinery: `slot_attention` reads and writes the slots itself)."""

@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import LogitsProcessorList
 
+from actors.answer import Answer, ChoiceTokens, choice_probs, take
+from actors.constraints import GrammarProcessor
 from pipeline.config import SamplingParams
 from pipeline.schemas import GenerationRequest, GenerationResult
 
@@ -137,13 +140,17 @@ class StaticScheduler:
             for i, _ in members:
                 results[i].error = f"generate: {type(exc).__name__}: {exc}"
         else:
-            for (i, _), tokens in zip(members, finished):
-                self._finish(results[i], tokens, params, elapsed_ms)
+            tokens, logits = finished
+            for row, (i, ids) in enumerate(members):
+                self._finish(results[i], tokens[row], logits[:, row], params, elapsed_ms)
+                if params.choice_probs and results[i].error is None:
+                    self._score_choices(results[i], requests[i], ids, logits[0, row], params)
 
     def _generate_group(
         self, params: SamplingParams, members: list[tuple[int, list[int]]], requests: list[GenerationRequest],
-    ) -> tuple[list[list[int]], float]:
-        """One left-padded `generate` call: each member's new tokens, and the call's wall time."""
+    ) -> tuple[tuple[list[list[int]], torch.Tensor], float]:
+        """One left-padded `generate` call: each member's new tokens and the raw logits of every step
+        `(steps, rows, vocab)`, and the call's wall time."""
         width = max(len(ids) for _, ids in members)
         input_ids = torch.full((len(members), width), self.checkpoint.pad_id, dtype=torch.long)
         attention = torch.zeros((len(members), width), dtype=torch.long)
@@ -170,19 +177,31 @@ class StaticScheduler:
                 torch.manual_seed(params.seed)
         if params.stop:
             gen_kwargs.update(stop_strings=list(params.stop), tokenizer=self.checkpoint.tokenizer)
+        if params.constraint is not None:
+            matchers = [self.checkpoint.grammars.matcher(params.constraint) for _ in members]
+            gen_kwargs["logits_processor"] = LogitsProcessorList([GrammarProcessor(matchers, self.checkpoint.pad_id)])
         start = time.perf_counter()
         with torch.inference_mode():
-            out = self.checkpoint.model.generate(**inputs, **gen_kwargs)
+            out = self.checkpoint.model.generate(**inputs, **gen_kwargs, output_logits=True,
+                                                 return_dict_in_generate=True)
         elapsed_ms = (time.perf_counter() - start) * 1000.0
-        return out[:, width:].tolist(), elapsed_ms
+        return (out.sequences[:, width:].tolist(), torch.stack(out.logits)), elapsed_ms
 
-    def _finish(self, result: GenerationResult, tokens: list[int], params: SamplingParams, ms: float) -> None:
-        """Cut a row's tokens at its end of sequence or stop string and fill in its result."""
+    def _finish(self, result: GenerationResult, tokens: list[int], logits: torch.Tensor, params: SamplingParams,
+                ms: float) -> None:
+        """Cut a row's tokens at its end of sequence, its complete grammar or its stop string, and
+        fill in its result; the answer takes each token with the raw logits it came from."""
+        answer = Answer.start(params, self.checkpoint.grammars if params.constraint else None)
         finish = "length"
         for k, tok in enumerate(tokens):
-            if tok in self.checkpoint.eos_ids:
+            take([answer], logits[k : k + 1], [tok], [k == 0])
+            if tok in self.checkpoint.eos_ids or answer.stopped:
                 tokens, finish = tokens[: k + 1], "stop"
                 break
+        if finish == "length" and (incomplete := answer.incomplete(len(tokens))):
+            result.error = incomplete
+            return
+        result.logprob, result.token_logprobs = answer.logprob, answer.token_logprobs
         text = self.checkpoint.decode(tokens)
         for stop in params.stop:
             cut = text.find(stop)
@@ -193,3 +212,28 @@ class StaticScheduler:
         result.num_output_tokens = len(tokens)
         result.finish_reason = finish
         result.generation_ms = ms
+
+    def _score_choices(self, result: GenerationResult, request: GenerationRequest, ids: list[int],
+                       first: torch.Tensor, params: SamplingParams) -> None:
+        """Every choice's probability as the whole answer, by a forward over prompt and choice; a
+        greedy answer becomes the most probable choice."""
+        choices = ChoiceTokens.of(params.constraint.options, self.checkpoint.tokenizer, min(self.checkpoint.eos_ids))
+        model, device = self.checkpoint.model, self.checkpoint.device
+        rows = []
+        for tokens in choices.ids:
+            logp = [first.float().log_softmax(-1).unsqueeze(0)]
+            if len(tokens) > 1:
+                inputs: dict[str, Any] = {"input_ids": torch.tensor([ids + tokens[:-1]], device=device)}
+                if request.tiles:
+                    inputs["pixel_values"] = self.checkpoint.pixel_batch(request.tiles)
+                    inputs["image_sizes"] = torch.tensor([list(s) for s in request.image_sizes], device=device)
+                with torch.inference_mode():
+                    logp.append(model(**inputs).logits[0, len(ids):].float().log_softmax(-1))
+            rows.append(torch.cat(logp))
+        result.choice_probs, best = choice_probs(choices, rows)
+        if params.temperature == 0:
+            answer = Answer(params, token_logprobs=[] if params.logprobs is not None else None)
+            answer.settle(choices.ids[best], rows[best])
+            result.token_ids, result.response = list(choices.ids[best]), choices.options[best]
+            result.num_output_tokens, result.finish_reason = len(choices.ids[best]), "stop"
+            result.logprob, result.token_logprobs = answer.logprob, answer.token_logprobs

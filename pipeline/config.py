@@ -107,12 +107,57 @@ class EngineConfig:
             raise ConfigError("max_running_requests and vision_batch_tiles must be at least 1")
 
 
+CONSTRAINT_KINDS = ("json_schema", "choice", "regex", "grammar")
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What an answer must be: a JSON schema (`text` is its JSON), one of a list of choices (`text`
+    is the JSON list), a regular expression, or a grammar (Lark, or GBNF/EBNF). Hashable, so equal
+    constraints share one compiled grammar and one static batch."""
+
+    kind: str
+    text: str
+
+    def __post_init__(self) -> None:
+        _check_choice("constraint kind", self.kind, CONSTRAINT_KINDS)
+        if self.kind in ("json_schema", "choice"):
+            try:
+                value = json.loads(self.text)
+            except ValueError as exc:
+                raise ConfigError(f"the {self.kind} constraint is not valid JSON: {exc}") from None
+            if self.kind == "choice" and (not isinstance(value, list) or not value
+                                          or not all(isinstance(c, str) and c for c in value)):
+                raise ConfigError("choices must be a non-empty list of non-empty strings")
+            if self.kind == "json_schema" and not isinstance(value, dict):
+                raise ConfigError("a JSON schema must be a JSON object")
+        elif not self.text:
+            raise ConfigError(f"the {self.kind} constraint is empty")
+
+    @classmethod
+    def choices(cls, options: list[str]) -> "Constraint":
+        return cls("choice", json.dumps(list(options)))
+
+    @classmethod
+    def json_schema(cls, schema: dict) -> "Constraint":
+        return cls("json_schema", json.dumps(schema, sort_keys=True))
+
+    @property
+    def options(self) -> list[str]:
+        """The choices of a `choice` constraint."""
+        return json.loads(self.text) if self.kind == "choice" else []
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding options; under the static scheduler rows with equal params share a batch.
 
     A temperature below `GREEDY_BELOW` is greedy: dividing logits by it overflows to infinities
     (1e-40 gave empty answers), and no distribution that sharp differs from the argmax.
+    `constraint` restricts the answer (see `Constraint`); `logprobs` asks for each generated
+    token's log-probability and its `logprobs` best alternatives (0: the token's alone; None: none);
+    `choice_probs` asks, for a `choice` constraint, every choice's probability as the whole answer.
     """
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -121,10 +166,17 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     top_k: int = 0
+    constraint: Constraint | None = None
+    logprobs: int | None = None
+    choice_probs: bool = False
 
     def __post_init__(self) -> None:
         if 0 < self.temperature < GREEDY_BELOW:
             object.__setattr__(self, "temperature", 0.0)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ConfigError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+        if self.choice_probs and (self.constraint is None or self.constraint.kind != "choice"):
+            raise ConfigError("choice probabilities need a choice constraint")
 
     @classmethod
     def from_engine(cls, cfg: EngineConfig) -> "SamplingParams":

@@ -76,7 +76,11 @@ class GenerationResult:
 
     `generation_ms` is the request's time in the engine (under the static scheduler: the wall
     time of the batched `generate` call that produced it); `first_token_ms` when its first token
-    came (continuous scheduler only).
+    came (continuous scheduler only). `logprob` is the answer's log-probability under the model
+    (each token's log-softmax of the raw logits, before temperature and masks, summed);
+    `token_logprobs` (when asked for) holds per token `{"token", "logprob", "top": [{"token",
+    "logprob"}]}` with token ids; `choice_probs` (when asked for) each choice's probability as
+    the whole answer, normalised over the choices.
     """
 
     response: str | None = None
@@ -88,3 +92,6 @@ class GenerationResult:
     generation_ms: float = 0.0
     token_ids: list[int] = field(default_factory=list)
     first_token_ms: float = 0.0
+    logprob: float | None = None
+    token_logprobs: list[dict] | None = None
+    choice_probs: dict[str, float] | None = None
