@@ -228,6 +228,12 @@ class Checkpoint:
         rows = int(self.model.config.text_config.vocab_size)
         return Grammars(self.tokenizer, rows, sorted(self.eos_ids))
 
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        """Each token's own bytes (a piece of a character stays that piece; a special token is its
+        name), for log-probabilities shown per token."""
+        tokenizer = self.grammars.tokenizer
+        return [tokenizer.decode_bytes([int(i)]) for i in ids]
+
     def max_char_tokens(self) -> int:
         """The most characters one token stands for: a text of N characters has at least N / this tokens."""
         return max(1, max(len(t) for t in self.tokenizer.get_vocab()))

@@ -63,10 +63,7 @@ class Grammars:
                 self.hits += 1
                 return self._cache[constraint]
         start = time.perf_counter()
-        grammar = _source(constraint)
-        failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer, limits=LIMITS)
-        if failed:
-            raise ConstraintError(f"the {constraint.kind.replace('_', ' ')} does not compile: {messages[0].strip()}")
+        grammar = check(constraint, self.tokenizer)
         with self._lock:
             self.compiles += 1
             self.compile_s += time.perf_counter() - start
@@ -85,6 +82,18 @@ class Grammars:
     def stats(self) -> dict[str, float]:
         return {"constraint_compiles": self.compiles, "constraint_cache_hits": self.hits,
                 "constraint_compile_s": round(self.compile_s, 4)}
+
+
+def check(constraint: Constraint, tokenizer: llguidance.LLTokenizer | None = None) -> str:
+    """The constraint's grammar, checked (raises ConstraintError with the backend's reason).
+
+    Without a tokenizer it checks what does not depend on one, so a job can refuse a bad schema,
+    regex or grammar at start-up without loading the model."""
+    grammar = _source(constraint)
+    failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer, limits=LIMITS)
+    if failed:
+        raise ConstraintError(f"the {constraint.kind.replace('_', ' ')} does not compile: {messages[0].strip()}")
+    return grammar
 
 
 def _source(constraint: Constraint) -> str:
