@@ -8,15 +8,18 @@ waiting to join; each call returns as soon as its own rows are answered.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray
 
 from actors.engine import Engine
-from pipeline.config import EngineConfig
+from pipeline.answers import AnswerSpec
+from pipeline.config import EngineConfig, SamplingParams
 from pipeline.schemas import (
     OUTPUT_FIELDS,
     PREPARED_FIELDS,
@@ -54,12 +57,15 @@ class Predictor:
 
     The questions of one image reach the engine together, so it encodes and prefills the image
     once. With `questions_mode` the output carries `question_index` and `question`; pairs in
-    `done` (from a resumed run) are not asked again.
+    `done` (from a resumed run) are not asked again. `answers` constrains each question's answer
+    and adds the answer-as-data columns (pipeline/answers.py).
     """
 
     def __init__(self, engine_cfg: EngineConfig, id_column: str, keep: tuple[str, ...] = (),
-                 stats_actor: str | None = None, questions_mode: bool = False, done: frozenset = frozenset()):
+                 stats_actor: str | None = None, questions_mode: bool = False, done: frozenset = frozenset(),
+                 answers: AnswerSpec = AnswerSpec()):
         self.engine = Engine(engine_cfg)
+        self.answers = answers
         self.id_column = id_column
         self.keep = tuple(c for c in keep if c != id_column)
         self.questions_mode = questions_mode
@@ -81,16 +87,26 @@ class Predictor:
         requests = []
         for i, k in todo:
             per_image, image_sizes = split_images(tiles[i], counts[i], sizes[i])
-            requests.append(GenerationRequest(prompts[i][k], per_image, image_sizes, image_digests=digests[i]))
+            requests.append(GenerationRequest(prompts[i][k], per_image, image_sizes, self._params(k),
+                                              image_digests=digests[i]))
         for pair, result in zip(todo, self.engine.generate(requests) if requests else []):
             results[pair] = result
         if self._stats is not None:
             self._stats.report.remote(self._actor, self.engine.stats())
         return self._table(batch, pairs, prompts, questions, results)
 
+    def _params(self, index: int) -> SamplingParams | None:
+        """Question `index`'s request options: the engine's, with the run's constraint and logprobs."""
+        constraint = self.answers.for_question(index)
+        if constraint is None and self.answers.logprobs is None:
+            return None
+        return dataclasses.replace(self.engine.default_params(), constraint=constraint, logprobs=self.answers.logprobs,
+                                   choice_probs=constraint is not None and constraint.kind == "choice")
+
     def _table(self, batch: pa.Table, pairs: list[tuple[int, int]], prompts: list, questions: list,
                results: dict) -> pa.Table:
         rows = [results[pair] for pair in pairs]
+        answers = self._answer_columns([k for _, k in pairs], rows)  # before the errors: a misfit is one
         values = {
             "prompt": [prompts[i][k] for i, k in pairs],
             "response": [r.response for r in rows],
@@ -105,8 +121,54 @@ class Predictor:
         take = pa.array([i for i, _ in pairs], pa.int64())
         columns = {"id": batch.column(self.id_column).take(take)}
         columns.update({f.name: pa.array(values[f.name], f.type) for f in OUTPUT_FIELDS})
+        columns.update(answers)
         if self.questions_mode:
             asked = {"question_index": [k for _, k in pairs], "question": [questions[i][k] for i, k in pairs]}
             columns.update({f.name: pa.array(asked[f.name], f.type) for f in QUESTION_FIELDS})
         columns.update({name: batch.column(name).take(take) for name in self.keep})
         return pa.table(columns)
+
+    def _answer_columns(self, indexes: list[int], rows: list[GenerationResult]) -> dict[str, pa.Array]:
+        """answer, choice_probs, logprob and token_logprobs, as the run's AnswerSpec lays them out.
+
+        An answer that does not fit its column (an integer past int64) becomes the row's error,
+        its text kept in `response`.
+        """
+        out: dict[str, pa.Array] = {}
+        for f in self.answers.fields():
+            if f.name == "answer":
+                out["answer"] = _fitted(f.type, [self.answers.value(k, r.response) for k, r in zip(indexes, rows)],
+                                        rows)
+            elif f.name == "token_logprobs":
+                out[f.name] = pa.array([self._token_rows(r.token_logprobs) for r in rows], f.type)
+            else:
+                out[f.name] = pa.array([getattr(r, f.name) for r in rows], f.type)
+        return out
+
+    def _token_rows(self, entries: list[dict] | None) -> list[dict] | None:
+        """The engine's per-token entries with each token's text beside its id."""
+        if entries is None:
+            return None
+        ids = sorted({e["token"] for e in entries} | {t["token"] for e in entries for t in e["top"]})
+        text = {i: b.decode("utf-8", "replace") for i, b in zip(ids, self.engine.token_bytes(ids))}
+
+        def one(e: dict) -> dict[str, Any]:
+            return {"token": text[e["token"]], "token_id": e["token"], "logprob": e["logprob"]}
+
+        return [{**one(e), "top": [one(t) for t in e["top"]]} for e in entries]
+
+
+def _fitted(typ: pa.DataType, values: list, rows: list[GenerationResult]) -> pa.Array:
+    """`values` as an array of `typ`; a value that does not fit is null and its row's error says why."""
+    try:
+        return pa.array(values, typ)
+    except (pa.ArrowException, OverflowError, TypeError, ValueError):
+        kept = []
+        for value, row in zip(values, rows):
+            try:
+                pa.array([value], typ)
+                kept.append(value)
+            except (pa.ArrowException, OverflowError, TypeError, ValueError) as exc:
+                row.error = f"answer: the answer does not fit its column ({typ}): {exc}"
+                kept.append(None)
+        return pa.array(kept, typ)

@@ -19,6 +19,7 @@ import time
 import uuid
 from typing import Any
 
+from pipeline.answers import AnswerSpec, Constraint, constraint_of, read_questions
 from pipeline.config import (
     DEDUPE_MODES,
     INPUT_FORMATS,
@@ -29,7 +30,6 @@ from pipeline.config import (
     answer_config_changes,
     engine_config_from,
     parse_actors,
-    read_questions,
     to_dict,
 )
 
@@ -69,6 +69,17 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--model", required=True, help="checkpoint directory (saved with save_pretrained)")
     m.add_argument("--prompt", default=D["prompt"], help="question for rows whose prompt is null or missing")
     add_engine_arguments(m)
+    a = p.add_argument_group("answers", "constrain every answer (per question: objects in --questions-file); the "
+                                        "output's `answer` column then holds it as data")
+    kind = a.add_mutually_exclusive_group()
+    kind.add_argument("--json-schema", metavar="FILE_OR_JSON",
+                      help="answers are JSON valid under this schema; `answer` is typed from it")
+    kind.add_argument("--choices", help="answers are one of these comma-separated labels; adds `choice_probs`")
+    kind.add_argument("--choices-file", help="as --choices, one label per line")
+    kind.add_argument("--regex", help="answers match this regular expression")
+    kind.add_argument("--grammar", metavar="FILE", help="answers follow this grammar (Lark, or GBNF)")
+    a.add_argument("--logprobs", type=int, metavar="K",
+                   help="add `token_logprobs`: each answer token's log-probability and its K best alternatives (0-20)")
     r = p.add_argument_group("resources")
     r.add_argument("--batch-size", type=int, default=D["batch_size"],
                    help=f"rows per call of the generation stage (static scheduler: per generate call; "
@@ -92,8 +103,45 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _read(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: {exc.strerror}") from None
+
+
+def constraint_from_args(args: argparse.Namespace) -> Constraint | None:
+    """The run's constraint from --json-schema, --choices(-file), --regex or --grammar (at most one)."""
+    if args.json_schema:
+        text = args.json_schema if args.json_schema.lstrip().startswith("{") else _read(args.json_schema, "--json-schema")
+        return constraint_of("json_schema", text, "--json-schema")
+    if args.choices or args.choices_file:
+        text = args.choices.replace(",", "\n") if args.choices else _read(args.choices_file, "--choices-file")
+        return Constraint.choices([c.strip() for c in text.splitlines() if c.strip()])
+    if args.regex:
+        return Constraint("regex", args.regex)
+    return Constraint("grammar", _read(args.grammar, "--grammar")) if args.grammar else None
+
+
+def check_constraints(constraints: list[Constraint | None]) -> None:
+    """Compile every constraint of the run once, so one that cannot stops the job before any row is read
+    (before its schema is typed: the backend's reason says more about a schema it cannot read)."""
+    from actors.constraints import ConstraintError, check
+
+    for constraint in dict.fromkeys(c for c in constraints if c is not None):
+        try:
+            check(constraint)
+        except ConstraintError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
     engine = engine_config_from(args, args.model)
+    questions, per_question = read_questions(args.questions_file) if args.questions_file else ((), ())
+    constraint = constraint_from_args(args)
+    check_constraints([constraint, *per_question])
+    answers = AnswerSpec(constraint, per_question, args.logprobs)
     return AnnotateConfig(
         input=args.input,
         output=args.output,
@@ -102,7 +150,7 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
         input_format=args.input_format,
         id_column=args.id_column,
         image_column=args.image_column,
-        questions=read_questions(args.questions_file) if args.questions_file else (),
+        questions=questions,
         questions_column=args.questions_column,
         keep_columns=tuple(c.strip() for c in args.keep_columns.split(",") if c.strip()),
         limit=args.limit,
@@ -120,6 +168,7 @@ def config_from_args(args: argparse.Namespace) -> AnnotateConfig:
         limits=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels),
         fast_decode=args.fast_decode,
         dedupe=args.dedupe,
+        answers=answers,
     )
 
 
@@ -190,7 +239,7 @@ def run(cfg: AnnotateConfig) -> dict[str, Any]:
         # the whole input to be prepared.
         ds.write_parquet(path, filesystem=arrow_filesystem(fs), min_rows_per_file=cfg.rows_per_file,
                          max_rows_per_file=cfg.rows_per_file, ray_remote_args={"num_cpus": 0})
-    schema = output_schema(spec.columns.id_type, cfg.asks_questions, spec.kept_fields())
+    schema = output_schema(spec.columns.id_type, cfg.asks_questions, spec.kept_fields(), cfg.answers.fields())
     if write_empty_if_none(cfg.output, schema):
         log.info("the input had no rows to answer: wrote an empty file with the output schema")
     rows_in = spec.rows if spec.rows is not None else ray.get(stats.rows_listed.remote())

@@ -145,6 +145,7 @@ def build_plan(
         fn_constructor_kwargs={
             "engine_cfg": cfg.engine, "id_column": columns.id, "keep": columns.keep, "stats_actor": stats_actor,
             "questions_mode": cfg.asks_questions, "done": frozenset(map(tuple, done_pairs or [])),
+            "answers": cfg.answers,
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

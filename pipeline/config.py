@@ -14,6 +14,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.answers import MAX_TOP_LOGPROBS, AnswerSpec, Constraint
+from pipeline.errors import ConfigError
+
 PROMPT_FORMATS = ("auto", "mistral", "vicuna", "34b", "raw")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
@@ -23,10 +26,6 @@ SCHEDULERS = ("continuous", "static")
 
 DEFAULT_MAX_NEW_TOKENS = 128
 GREEDY_BELOW = 1e-5  # as vLLM: a temperature this small is greedy decoding
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; raised at start-up, before any row is read."""
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -107,48 +106,6 @@ class EngineConfig:
             raise ConfigError("max_running_requests and vision_batch_tiles must be at least 1")
 
 
-CONSTRAINT_KINDS = ("json_schema", "choice", "regex", "grammar")
-MAX_TOP_LOGPROBS = 20
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """What an answer must be: a JSON schema (`text` is its JSON), one of a list of choices (`text`
-    is the JSON list), a regular expression, or a grammar (Lark, or GBNF/EBNF). Hashable, so equal
-    constraints share one compiled grammar and one static batch."""
-
-    kind: str
-    text: str
-
-    def __post_init__(self) -> None:
-        _check_choice("constraint kind", self.kind, CONSTRAINT_KINDS)
-        if self.kind in ("json_schema", "choice"):
-            try:
-                value = json.loads(self.text)
-            except ValueError as exc:
-                raise ConfigError(f"the {self.kind} constraint is not valid JSON: {exc}") from None
-            if self.kind == "choice" and (not isinstance(value, list) or not value
-                                          or not all(isinstance(c, str) and c for c in value)):
-                raise ConfigError("choices must be a non-empty list of non-empty strings")
-            if self.kind == "json_schema" and not isinstance(value, dict):
-                raise ConfigError("a JSON schema must be a JSON object")
-        elif not self.text:
-            raise ConfigError(f"the {self.kind} constraint is empty")
-
-    @classmethod
-    def choices(cls, options: list[str]) -> "Constraint":
-        return cls("choice", json.dumps(list(options)))
-
-    @classmethod
-    def json_schema(cls, schema: dict) -> "Constraint":
-        return cls("json_schema", json.dumps(schema, sort_keys=True))
-
-    @property
-    def options(self) -> list[str]:
-        """The choices of a `choice` constraint."""
-        return json.loads(self.text) if self.kind == "choice" else []
-
-
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding options; under the static scheduler rows with equal params share a batch.
@@ -202,7 +159,8 @@ class AnnotateConfig:
     a CPU-only cluster). `gpus_per_actor` None means 1 when the cluster has GPUs, else 0.
 
     `questions` (from --questions-file) or `questions_column` (a manifest column of lists) ask
-    several questions of each image: one output row per (id, question_index).
+    several questions of each image: one output row per (id, question_index). `answers` says how
+    answers are constrained and typed (pipeline/answers.py).
     """
 
     input: str
@@ -231,6 +189,7 @@ class AnnotateConfig:
     limits: ImageLimits = field(default_factory=ImageLimits)
     fast_decode: bool = False
     dedupe: str = "none"
+    answers: AnswerSpec = field(default_factory=AnswerSpec)
 
     def __post_init__(self) -> None:
         if not self.input or not self.output:
@@ -254,6 +213,8 @@ class AnnotateConfig:
             raise ConfigError("give --questions-file or --questions-column, not both")
         if any(not q.strip() for q in self.questions):
             raise ConfigError("--questions-file holds an empty question")
+        if self.answers.per_question and len(self.answers.per_question) != len(self.questions):
+            raise ConfigError("per-question constraints need one entry per question of --questions-file")
         for name in ("batch_size", "preprocess_batch_size", "rows_per_file", "fetch_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -286,6 +247,7 @@ class AnnotateConfig:
 RESERVED_COLUMNS = (
     "id", "prompt", "response", "error", "num_input_tokens", "num_output_tokens", "num_image_tokens",
     "finish_reason", "model", "generation_ms", "question", "question_index",
+    "answer", "choice_probs", "logprob", "token_logprobs",
     "prompts", "questions", "tiles", "tile_counts", "image_sizes", "image_digests",
 )
 INPUT_FORMATS = ("auto", "parquet", "images", "webdataset")
@@ -293,7 +255,7 @@ DEDUPE_MODES = ("none", "first")
 # Configuration keys that change answers: a resumed or retried run must keep them.
 ANSWER_KEYS = ("prompt", "questions", "questions_column", "engine.model", "engine.prompt_format",
                "engine.max_new_tokens", "engine.temperature", "engine.top_p", "engine.top_k", "engine.seed",
-               "engine.dtype", "engine.quantization")
+               "engine.dtype", "engine.quantization", "answers")
 
 
 def _fixed_part(path: str) -> str:
@@ -336,25 +298,6 @@ def answer_config_changes(previous: dict[str, Any], current: dict[str, Any]) -> 
         return list(cfg) if isinstance(cfg, tuple) else cfg
 
     return [k for k in ANSWER_KEYS if get(previous, k) != get(current, k)]
-
-
-def read_questions(path: str) -> tuple[str, ...]:
-    """Questions from a file: a JSON list of strings, or one question per non-empty line."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except ValueError as exc:
-            raise ConfigError(f"--questions-file {path} is not a valid JSON list: {exc}") from None
-        if not isinstance(items, list) or not all(isinstance(q, str) for q in items):
-            raise ConfigError(f"--questions-file {path} must hold a JSON list of strings")
-        questions = tuple(items)
-    else:
-        questions = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if not questions:
-        raise ConfigError(f"--questions-file {path} holds no questions")
-    return questions
 
 
 def parse_actors(text: str) -> tuple[int, int]:

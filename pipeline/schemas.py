@@ -47,6 +47,8 @@ OUTPUT_FIELDS = [
     pa.field("generation_ms", pa.float64()),
 ]
 OUTPUT_COLUMNS = tuple(f.name for f in OUTPUT_FIELDS)
+# Then the answer-as-data columns of the run's AnswerSpec (pipeline/answers.py `fields`): `logprob`
+# always, `answer` and `choice_probs` under constraints, `token_logprobs` with --logprobs.
 # With several questions per image, each output row also says which question it answers.
 QUESTION_FIELDS = [pa.field("question_index", pa.int32()), pa.field("question", pa.string())]
 

@@ -123,9 +123,10 @@ def reconcile_output(uri: str) -> OutputState:
     return state
 
 
-def output_schema(id_type: pa.DataType, questions: bool, kept: list[pa.Field]) -> pa.Schema:
+def output_schema(id_type: pa.DataType, questions: bool, kept: list[pa.Field],
+                  answers: list[pa.Field] = ()) -> pa.Schema:
     """The schema of the output files (see schemas.py): what a reader of an empty output still sees."""
-    fields = [pa.field("id", id_type), *OUTPUT_FIELDS, *(QUESTION_FIELDS if questions else [])]
+    fields = [pa.field("id", id_type), *OUTPUT_FIELDS, *answers, *(QUESTION_FIELDS if questions else [])]
     return pa.schema(fields + [f for f in kept if f.name != "id"])
 
 

@@ -149,3 +149,28 @@ def kill_after_first_file(args: list[str], out, log_path, sig: int | None = None
         time.sleep(0.05)
     os.kill(driver.pid, signal.SIGKILL if sig is None else sig)
     return driver.wait(timeout=120)
+
+
+def reference_constrained(reference, engine, images: list[Image.Image], prompt: str, constraint,
+                          max_new_tokens: int) -> list[int]:
+    """transformers' `generate` on the processor's inputs, masked by the same backend's logits
+    processor (one of `engine`'s matchers), greedy; cut where the engine ends a constrained answer:
+    at end of sequence or where its grammar is complete."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    from actors.constraints import GrammarProcessor
+
+    processor, model = reference
+    inputs = processor(images=images or None, text=prompt, return_tensors="pt")
+    masking = GrammarProcessor([engine.grammars.matcher(constraint)], engine.pad_id)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             logits_processor=LogitsProcessorList([masking]))
+    tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+    check = engine.grammars.matcher(constraint)
+    for k, token in enumerate(tokens):
+        check.consume_token(token)
+        if token in engine.eos_ids or check.is_stopped():
+            return tokens[: k + 1]
+    return tokens
