@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
 import os
 import typing
 from dataclasses import dataclass, field

@@ -17,7 +17,7 @@ from jobs import annotate
 from pipeline.answers import Constraint, schema_type
 from pipeline.config import DEFAULT_QUESTION
 from pipeline.write import read_rows
-from tests.helpers import encode, noise_image, reference_constrained
+from tests.helpers import noise_image, reference_constrained
 
 # Bounded everywhere (enums, small integers, short patterned strings), so the random tiny model,
 # which otherwise babbles, completes it within the token budget.
