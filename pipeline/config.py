@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -289,13 +290,16 @@ def _inside(path: str, root: str) -> bool:
 
 
 def answer_config_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The answer-changing keys (see ANSWER_KEYS) whose values differ between two saved configs."""
+    """The answer-changing keys (see ANSWER_KEYS) whose values differ between two saved configs.
+
+    A config saved before `answers` existed was made with none, so it continues a run without any."""
 
     def get(cfg: dict[str, Any], key: str) -> Any:
         for part in key.split("."):
             cfg = cfg.get(part) if isinstance(cfg, dict) else None
         return list(cfg) if isinstance(cfg, tuple) else cfg
 
+    previous = {"answers": json.loads(json.dumps(to_dict(AnswerSpec()))), **previous}
     return [k for k in ANSWER_KEYS if get(previous, k) != get(current, k)]
 
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.answers import TOKEN_LOGPROBS, AnswerSpec, Constraint, read_questions, schema_type
-from pipeline.config import AnnotateConfig, ConfigError, EngineConfig
+from pipeline.config import AnnotateConfig, ConfigError, EngineConfig, answer_config_changes, to_dict
 
 PYDANTIC_LIKE = {
     "type": "object",
@@ -132,3 +132,16 @@ def test_per_question_constraints_must_match_the_questions():
                        answers=AnswerSpec(None, (Constraint("regex", "x"),)))
     with pytest.raises(ConfigError, match="between 0 and 20"):
         AnswerSpec(logprobs=21)
+
+
+def test_resume_compares_answer_settings_and_reads_configs_saved_before_them():
+    def saved(answers: AnswerSpec) -> dict:
+        cfg = AnnotateConfig(input="in", output="out", engine=EngineConfig(model="m"), answers=answers)
+        return json.loads(json.dumps(to_dict(cfg)))
+
+    plain, choices = saved(AnswerSpec()), saved(AnswerSpec(Constraint.choices(["a", "b"])))
+    assert answer_config_changes(plain, choices) == ["answers"]
+    assert answer_config_changes(saved(AnswerSpec(logprobs=1)), plain) == ["answers"]
+    older = {k: v for k, v in plain.items() if k != "answers"}
+    assert answer_config_changes(older, plain) == []
+    assert answer_config_changes(older, choices) == ["answers"]
