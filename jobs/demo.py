@@ -4,7 +4,8 @@ Usage: python -m jobs.demo [--model DIR] [--workdir DIR] [--images N]
 
 With no --model it uses the shipped shapes checkpoint (which answers shape and colour questions),
 or builds a tiny random one if that is missing. The manifest mixes image sizes and aspects, asks
-three kinds of question, and has one two-image row.
+three kinds of question, and has one two-image row. A second run asks the shape questions again
+with the shape names as choices: the answer as a label, with every label's probability.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import synthetic
+from pipeline.answers import AnswerSpec, Constraint
 from pipeline.config import AnnotateConfig, EngineConfig
 
 SHIPPED = Path(__file__).resolve().parent.parent / "actors" / "checkpoints" / "tiny-shapes"
@@ -84,8 +86,31 @@ def main(argv: list[str] | None = None) -> int:
     scored = [r for r in rows if r["kind"]]
     accuracy = synthetic.accuracy(scored)
     print("\n" + ", ".join(f"{k}: {v['correct']}/{v['total']} right" for k, v in sorted(accuracy.items())))
+    labelled(work, model, args.images)
     ray.shutdown()
     return 0
+
+
+def labelled(work: Path, model: str, images: int) -> None:
+    """The shape questions with `--choices circle,square,triangle`: labels and their probabilities."""
+    from jobs.annotate import run
+    from pipeline.write import read_rows
+
+    pq.write_table(synthetic.manifest(synthetic.heldout_seeds(0, images), kinds=("shape",)), work / "shapes.parquet")
+    cfg = AnnotateConfig(
+        input=str(work / "shapes.parquet"), output=str(work / "labels"), engine=EngineConfig(model=model),
+        keep_columns=("shape",), overwrite=True, cpu_workers=1,
+        answers=AnswerSpec(Constraint.choices(list(synthetic.SHAPES))),
+    )
+    run(cfg)
+    rows = sorted(read_rows(cfg.output).to_pylist(), key=lambda r: r["id"])
+    print(f"\nwith --choices {','.join(synthetic.SHAPES)} (output: {cfg.output})")
+    print(f"{'id':<20} {'answer':<9} {'p(answer)':<10} truth")
+    for row in rows:
+        probs = dict(row["choice_probs"] or {})
+        print(f"{row['id']:<20} {row['answer'] or row['error']!s:<9} {probs.get(row['answer'], 0.0):<10.3f} {row['shape']}")
+    right = sum(r["answer"] == r["shape"] for r in rows)
+    print(f"shape: {right}/{len(rows)} right")
 
 
 if __name__ == "__main__":
