@@ -295,6 +295,7 @@ class ContinuousLoop:
         sub: Submission = request.payload
         choices = ChoiceTokens.of(sub.params.constraint.options, self.checkpoint.tokenizer,
                                   min(self.checkpoint.eos_ids))
+        self.runner.apply(*self.scheduler.pending())  # the request's slot may have moved this step
         rows = self.runner.score(request, sub.answer.first_logits, choices.ids)
         sub.choice_probs, best = choice_probs(choices, rows)
         if sub.params.temperature == 0 and rows[best] is not None and request.status is not Status.FINISHED:

@@ -214,14 +214,22 @@ class Scheduler:
 
     # ---- the next step ------------------------------------------------------------------------
 
+    def pending(self) -> tuple[list[Move], list[PrefixKey]]:
+        """The slot moves and prefix evictions decided since the last plan, handed over now and not
+        again: work between two steps that reads a request's slot (scoring choices) applies them
+        first, since an ending in this step may already have moved the request's slot number."""
+        moves, evict = self._moves, self._evict
+        self._moves, self._evict = [], []
+        return moves, evict
+
     def schedule(self) -> Plan:
         """The next step: admit what fits, a token for every decoding request, prompt chunks in the
         budget left (a page at least, so prefills always move)."""
         self._admit()
         prefilling = [r for r in self.running if r.status is Status.PREFILLING]
         decoding = [r for r in self.running if r.status is Status.DECODING]
-        plan = Plan(moves=self._moves, evict=self._evict)
-        self._moves, self._evict = [], []
+        moves, evict = self.pending()
+        plan = Plan(moves=moves, evict=evict)
         if decoding:
             plan.decode = decoding
             plan.view = self.running[: max(r.slot for r in decoding) + 1]

@@ -160,3 +160,15 @@ def test_compiled_grammars_are_cached(engine):
     after = engine.grammars.stats()
     assert after["constraint_compiles"] - before["constraint_compiles"] == 1
     assert after["constraint_cache_hits"] - before["constraint_cache_hits"] == 1
+
+
+def test_choice_probabilities_of_requests_stepped_together_equal_each_alone(engine):
+    """Greedy choice answers end in the step their first token comes; each ending moves the last
+    running request into its slot, so the others' choices must be scored from where their KV is."""
+    params = SamplingParams(max_new_tokens=8, constraint=Constraint.choices(CHOICES), choice_probs=True)
+    requests = [_request(engine, k % 9, f"Which shape is it? ({k})", params) for k in range(16)]
+    together = engine.generate(requests)
+    for request, got in zip(requests, together):
+        alone = engine.generate([request])[0]
+        assert got.response == alone.response
+        assert got.choice_probs == pytest.approx(alone.choice_probs, abs=1e-6)

@@ -143,3 +143,15 @@ def test_a_move_copies_what_its_request_holds_when_applied():
     move = plan.moves[0]
     assert (move.request, move.src, move.dst, move.length) == (c, 2, 0, 8)
     assert [r.slot for r in plan.view] == [0, 1] and plan.decode == [c, b]
+
+
+def test_pending_moves_are_handed_over_once_between_steps():
+    s = _scheduler(slots=3)
+    a, b, c = _request("a"), _request("b"), _request("c")
+    for r in (a, b, c):
+        s.add(r)
+    _run(s, s.schedule())
+    s.finish(a, "stop")  # c moves into a's slot at once; its KV must follow before anyone reads it
+    moves, _ = s.pending()
+    assert [(m.request.key, m.src, m.dst) for m in moves] == [("c", 2, 0)] and c.slot == 0
+    assert s.pending() == ([], []) and s.schedule().moves == []
