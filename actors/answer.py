@@ -12,6 +12,7 @@ token greedy decoding need not find (it may take "circles" where "circle" is lik
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,26 +74,60 @@ class Answer:
         return {"logprob": self.logprob, "token_logprobs": self.token_logprobs}
 
 
-def masks(answers: list[Answer], vocab: int, device: torch.device) -> torch.Tensor | None:
-    """`(rows, vocab)` allowed tokens for a step's rows (all for unconstrained ones), or None."""
+@dataclass
+class MaskTimes:
+    """What constraints cost the loop, summed over its steps: computing the allowed tokens
+    (llguidance, on the CPU), masking the logits with them, and advancing the matchers by the
+    chosen tokens. All of it adds to the step, on a GPU too: the runner has waited for the
+    forward by the time the masks are asked for."""
+
+    rows: int = 0
+    compute_s: float = 0.0
+    apply_s: float = 0.0
+    advance_s: float = 0.0
+
+    def stats(self) -> dict[str, float]:
+        return {"masked_rows": self.rows, "mask_compute_s": round(self.compute_s, 4),
+                "mask_apply_s": round(self.apply_s, 4), "matcher_advance_s": round(self.advance_s, 4)}
+
+
+def constrain(answers: list[Answer], logits: torch.Tensor, times: MaskTimes | None = None) -> torch.Tensor:
+    """The step's logits with every token a row's constraint forbids at -inf: a new tensor, so
+    `logits` stay raw for log-probabilities; `logits` themselves when no row is constrained."""
     rows = [i for i, a in enumerate(answers) if a.matcher is not None]
     if not rows:
-        return None
-    mask = torch.ones(len(answers), vocab, dtype=torch.bool, device=device)
-    mask[rows] = allowed([answers[i].matcher for i in rows], vocab, device)
-    return mask
+        return logits
+    start = time.perf_counter()
+    ok = allowed([answers[i].matcher for i in rows], logits.shape[-1], logits.device)
+    computed = time.perf_counter()
+    if len(rows) == len(answers):
+        out = logits.masked_fill(~ok, float("-inf"))
+    else:
+        out = logits.clone()
+        index = torch.tensor(rows, device=logits.device)
+        out[index] = logits[index].masked_fill(~ok, float("-inf"))
+    if times is not None:
+        times.rows += len(rows)
+        times.compute_s += computed - start
+        times.apply_s += time.perf_counter() - computed
+    return out
 
 
-def take(answers: list[Answer], logits: torch.Tensor, tokens: list[int], first: list[bool]) -> None:
+def take(answers: list[Answer], logits: torch.Tensor, tokens: list[int], first: list[bool],
+         times: MaskTimes | None = None) -> None:
     """Give each answer its chosen token with the raw logits it came from (rows of `logits`);
     `first` marks the rows whose token is their answer's first (their logits score the choices)."""
     logp = logits.float().log_softmax(dim=-1)
     for row, (answer, token) in enumerate(zip(answers, tokens)):
         answer.record(token, logp[row])
-        if answer.matcher is not None and not answer.matcher.is_stopped():
-            answer.matcher.consume_token(int(token))
         if first[row] and answer.params.choice_probs:
             answer.first_logits = logits[row].float().clone()
+    start = time.perf_counter()
+    for answer, token in zip(answers, tokens):
+        if answer.matcher is not None and not answer.matcher.is_stopped():
+            answer.matcher.consume_token(int(token))
+    if times is not None:
+        times.advance_s += time.perf_counter() - start
 
 
 def choice_probs(choices: "ChoiceTokens", rows: list) -> tuple[dict[str, float], int]:

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.answer import Answer, ChoiceTokens, choice_probs, masks, take
-from actors.constraints import ConstraintError
+from actors.answer import Answer, ChoiceTokens, MaskTimes, choice_probs, constrain, take
+from actors.constraints import NO_COMPILES, ConstraintError, Grammars
 from actors.runner import ImageEncodingError, Runner
 from actors.sampling import choose
 from actors.scheduler import Image, Plan, Request, Scheduler, Status
@@ -71,6 +71,29 @@ class Submission:
     def image_inputs(self, k: int) -> tuple[np.ndarray, tuple[int, int]]:
         """Image k's uint8 tiles and size, for the runner's vision tower."""
         return self.request.tiles[k], tuple(int(v) for v in self.request.image_sizes[k])
+
+
+@dataclass
+class StepTimes:
+    """Seconds the loop spent stepping (the model and choosing tokens), in all steps and in those
+    that only decode, with their rows: the time per decoding step that constraints are measured
+    against (jobs/bench/constrained.py)."""
+
+    step_s: float = 0.0
+    decode_steps: int = 0
+    decode_rows: int = 0
+    decode_step_s: float = 0.0
+
+    def add(self, seconds: float, plan: Plan) -> None:
+        self.step_s += seconds
+        if not plan.chunks:
+            self.decode_steps += 1
+            self.decode_rows += len(plan.decode)
+            self.decode_step_s += seconds
+
+    def stats(self) -> dict[str, float]:
+        return {"step_s": round(self.step_s, 4), "decode_only_steps": self.decode_steps,
+                "decode_only_rows": self.decode_rows, "decode_only_step_s": round(self.decode_step_s, 4)}
 
 
 def image_runs(ids: list[int], image_token: int, counts: list[int], digests: list[str]) -> tuple[Image, ...]:
@@ -119,7 +142,9 @@ class ContinuousLoop:
         self._closing = threading.Event()
         self._keys = iter(range(1 << 62))
         self._failed: list[tuple[Request, str]] = []  # requests a step broke, ended after the step
-        self._stats: dict[str, int] = self._snapshot()
+        self.times, self.mask_times = StepTimes(), MaskTimes()
+        self._grammars: Grammars | None = None  # once a constrained request came
+        self._stats: dict[str, float] = self._snapshot()
         # Not a daemon: torch must not be stepping while the interpreter exits, so the loop stops
         # itself when the main thread has ended without calling `close`.
         self._thread = threading.Thread(target=self._run, name="llava-loop")
@@ -150,8 +175,10 @@ class ContinuousLoop:
             return self._resolve_error(sub, f"prompt: {exc}")
         sub.prompt_tokens = len(ids)
         sub.params = params = self.checkpoint.fit(len(ids), params)  # an answer never runs past the context
+        if params.constraint is not None:
+            self._grammars = self.checkpoint.grammars
         try:
-            sub.answer = Answer.start(params, self.checkpoint.grammars if params.constraint else None)
+            sub.answer = Answer.start(params, self._grammars)
         except ConstraintError as exc:
             return self._resolve_error(sub, f"prompt: {exc}")
         digests = request.image_digests or [self.checkpoint.digest(t, tuple(s))
@@ -169,7 +196,8 @@ class ContinuousLoop:
             self._inbox.put(("cancel", sub))
             self._wake.set()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
+        """The scheduler's and runner's counters, step and mask times, and the grammar cache's."""
         return dict(self._stats)
 
     def close(self) -> None:
@@ -193,7 +221,9 @@ class ContinuousLoop:
                     continue
                 self.runner.apply(plan.moves, plan.evict)
                 self._failed: list[tuple[Request, str]] = []
+                start = time.perf_counter()
                 tokens = self._step(plan)
+                self.times.add(time.perf_counter() - start, plan)
                 # Failures end their requests only now: ending one moves another request's slot,
                 # which must not happen while the step still computes into slots.
                 for request, error in self._failed:
@@ -267,8 +297,8 @@ class ContinuousLoop:
         params = [r.payload.params for r in requests]
         positions = [len(r.prompt) + len(r.tokens) for r in requests]
         answers = [r.payload.answer for r in requests]
-        chosen = choose(logits, params, positions, masks(answers, logits.shape[-1], logits.device))
-        take(answers, logits, chosen, [not r.tokens for r in requests])
+        chosen = choose(constrain(answers, logits, self.mask_times), params, positions)
+        take(answers, logits, chosen, [not r.tokens for r in requests], self.mask_times)
         return {r.key: t for r, t in zip(requests, chosen)}
 
     def _after(self, changed: list[Request]) -> None:
@@ -338,5 +368,7 @@ class ContinuousLoop:
                                                    num_image_tokens=sub.image_tokens))
         return sub
 
-    def _snapshot(self) -> dict[str, int]:
-        return {**self.scheduler.stats(), **self.runner.stats()}
+    def _snapshot(self) -> dict[str, float]:
+        compiles = self._grammars.stats() if self._grammars is not None else NO_COMPILES
+        return {**self.scheduler.stats(), **self.runner.stats(), **self.times.stats(), **self.mask_times.stats(),
+                **compiles}

@@ -6,7 +6,8 @@ A sampled row takes the arg-max of `logits / T + Gumbel noise` over the tokens i
 keep, which is a sample from `softmax(logits / T)` restricted to them; the noise is drawn from a
 hash of (its seed, the position of the token being chosen), so a seeded answer is the same alone
 or amid any other traffic, on any device. Only the sampled rows of a step pay for sorting and
-noise. A constrained row's disallowed tokens are masked out first (actors/constraints.py).
+noise. A constrained row's logits arrive with its disallowed tokens already at -inf
+(actors/answer.py `constrain`).
 """
 
 from __future__ import annotations
@@ -70,12 +71,8 @@ def top_p(scores: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(drop, float("-inf"))
 
 
-def choose(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-           allowed: torch.Tensor | None = None) -> list[int]:
-    """The next token of each row of `(rows, vocab)` logits (see the module docstring), among the
-    tokens `allowed` (a boolean mask of the same shape; None: all)."""
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
+def choose(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
+    """The next token of each row of `(rows, vocab)` logits (see the module docstring)."""
     chosen = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     if sampled:

@@ -150,6 +150,15 @@ class Plot:
 
 
 @dataclass
+class Table:
+    """A table of its own after the suite's main one, for a workload whose columns differ."""
+
+    title: str
+    header: list[str]
+    rows: list[list[Any]]
+
+
+@dataclass
 class SuiteResult:
     """Everything a suite measured: the table for the README, the ratios, the raw timings."""
 
@@ -161,8 +170,14 @@ class SuiteResult:
     targets: list[Target] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    plot: Plot | None = None
+    plot: Plot | list[Plot] | None = None  # a list: panels side by side
     skipped: str | None = None
+    tables: list[Table] = field(default_factory=list)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows] + [""]
 
 
 def _cell(value: Any) -> str:
@@ -177,9 +192,9 @@ def markdown(result: SuiteResult, env: dict[str, Any]) -> str:
     if result.skipped:
         lines += [f"Skipped: {result.skipped}", ""]
     if result.rows:
-        lines += ["| " + " | ".join(result.header) + " |", "|" + "---|" * len(result.header)]
-        lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in result.rows]
-        lines.append("")
+        lines += _table(result.header, result.rows)
+    for table in result.tables:
+        lines += [f"#### {table.title}", ""] + _table(table.header, table.rows)
     if result.ratios:
         lines += ["| ratio | value |", "|---|---|"]
         lines += [f"| `{k}` | {v:.3g} |" for k, v in result.ratios.items()]
@@ -191,19 +206,21 @@ def markdown(result: SuiteResult, env: dict[str, Any]) -> str:
 
 
 def plot_png(result: SuiteResult, path: Path) -> None:
-    """The suite's chart, or a panel with the reason it has none."""
+    """The suite's chart (its panels side by side), or a panel with the reason it has none."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    spec = result.plot
-    if spec is None:
+    panels = [result.plot] if isinstance(result.plot, Plot) else result.plot or []
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(8 * max(1, len(panels)), 4.5), dpi=100,
+                             squeeze=False)
+    if not panels:
+        ax = axes[0][0]
         ax.axis("off")
         ax.text(0.5, 0.5, result.skipped or "nothing to plot", ha="center", va="center", wrap=True)
         ax.set_title(result.title)
-    else:
+    for ax, spec in zip(axes[0], panels):
         width = 0.8 / max(1, len(spec.series))
         for k, (name, values) in enumerate(spec.series.items()):
             xs = [i + (k - (len(spec.series) - 1) / 2) * width for i in range(len(spec.categories))]
@@ -232,6 +249,7 @@ def write(result: SuiteResult, out_dir: str | os.PathLike, env: dict[str, Any]) 
         "ratios": result.ratios,
         "targets": [{**asdict(t), "met": t.met} for t in result.targets],
         "table": {"header": result.header, "rows": result.rows},
+        "tables": [asdict(t) for t in result.tables],
         "raw": result.raw,
         "notes": result.notes,
         "env": env,

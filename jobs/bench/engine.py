@@ -1,13 +1,15 @@
 """Suite `engine`: the continuous scheduler against static batches of `generate` on the same rows.
 
-Two workloads, each on two random checkpoints built here: the tiny test model, and a "bench-size"
-one (text width 512, 4 layers; CLIP tiles of 224 px with patch 14) whose per-token compute is
-large enough next to Python's overhead that the ratio says something about a GPU.
+Three workloads, each on two random checkpoints built here: the tiny test model, and a
+"bench-size" one (text width 512, 4 layers; CLIP tiles of 224 px with patch 14) whose per-token
+compute is large enough next to Python's overhead that the ratio says something about a GPU.
 - mixed: one question per image, answers cut at 8 to 128 tokens (greedy, `max_new_tokens` per
   row), so static batches wait for their longest row;
 - questions: three questions on each image, so the continuous engine can encode each image
   once and reuse its prefilled prefix.
 Both schedulers run in this process on one core, after a warm-up, and must give equal tokens.
+- constrained: 32 running requests under a ten-field JSON schema against the same requests free,
+  timed per decoding step, and the schema's compile time (jobs/bench/constrained.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 from actors.engine import Engine
+from jobs.bench import constrained
 from jobs.bench.common import Plot, SuiteResult, Target, one_core
 from jobs.bench.images import photo_jpeg
 from jobs.make_tiny_model import TinyArch, make_tiny_model
@@ -102,7 +105,7 @@ def measure(model: str, kind: str, images: int, label: str) -> dict:
 
 def run(quick: bool) -> SuiteResult:
     images = {"tiny": (6, 2) if quick else (48, 16), "bench-size": (4, 2) if quick else (24, 8)}
-    results = []
+    results, schema_runs = [], []
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp, one_core():
         models = {
             "tiny": str(make_tiny_model(Path(tmp) / "tiny")),
@@ -112,6 +115,9 @@ def run(quick: bool) -> SuiteResult:
             mixed_images, question_images = images[label]
             results.append(measure(model, "mixed", mixed_images, label))
             results.append(measure(model, "questions", question_images, label))
+            if label == "tiny" or not quick:  # the bench-size checkpoint's 32 answers take a minute
+                schema_runs.append(constrained.measure(model, label, repeats=1 if quick else 3,
+                                                       cold_trials=2 if quick else 7))
     if any(r["tokens_equal"] != r["rows"] for r in results):
         raise AssertionError(f"the schedulers gave different tokens: {results}")
     ratios = {}
@@ -141,6 +147,8 @@ def run(quick: bool) -> SuiteResult:
                 r["prefill_computed_over_submitted"] if cont else 1.0,
                 r["encodings_run_over_requested"] if cont else 1.0, f"{r['tokens_equal']}/{r['rows']}",
             ])
+    ratios.update(constrained.ratios(schema_runs))
+    targets += constrained.targets(schema_runs)
     return SuiteResult(
         suite="engine",
         title="Engine: continuous scheduler vs static batches of generate (CPU, one core)",
@@ -149,7 +157,9 @@ def run(quick: bool) -> SuiteResult:
         rows=table,
         ratios=ratios,
         targets=targets,
-        raw={"results": results, "static_batch": STATIC_BATCH, "bench_arch": BENCH_ARCH.__dict__},
+        raw={"results": results, "static_batch": STATIC_BATCH, "bench_arch": BENCH_ARCH.__dict__,
+             "constrained": schema_runs, "schema": constrained.SCHEMA},
+        tables=constrained.tables(schema_runs),
         notes=[
             f"Static: consecutive batches of {STATIC_BATCH} rows (the job's default) through `generate`, each image "
             "encoded and each prompt prefilled per row. Continuous: every row submitted at once to one loop.",
@@ -163,13 +173,14 @@ def run(quick: bool) -> SuiteResult:
                                    if r["workload"] == "mixed")),
             "bench-size checkpoint: random weights, text width 512 with 4 layers, CLIP 256 wide with 4 layers on "
             "224 px tiles of patch 14 (about 800 prompt tokens per image).",
+            *constrained.notes(schema_runs),
         ],
-        plot=Plot(
+        plot=[Plot(
             title="Rows per second (higher is better)", ylabel="rows/s",
             categories=[f"{r['checkpoint']}\n{r['workload']}" for r in results],
             series={
                 "static": [r["rows"] / r["static_s"] for r in results],
                 "continuous": [r["rows"] / r["continuous_s"] for r in results],
             },
-        ),
+        ), constrained.plot(schema_runs)],
     )

@@ -41,6 +41,30 @@ def test_engine_suite(tmp_path):
     _assert_ratios(report)
     assert all(r["tokens_equal"] == r["rows"] for r in report["raw"]["results"])
     assert {r["workload"] for r in report["raw"]["results"]} == {"mixed", "questions"}
+    _assert_constrained(report, (tmp_path / "engine.md").read_text())
+
+
+def _assert_constrained(report: dict, md: str) -> None:
+    """The constrained workload: 32 answers valid under the schema, free twins exactly as long,
+    the loop's clocks behind every figure, the cache's counts and the compile times reported."""
+    import jsonschema
+
+    (run,) = report["raw"]["constrained"]  # --quick: the tiny checkpoint only
+    schema = report["raw"]["schema"]
+    assert len(schema["properties"]) == 10 and run["requests"] == 32 and not run["errors"]
+    for answer in run["answers"]:
+        jsonschema.validate(json.loads(answer), schema)
+    constrained, free = run["constrained"], run["free"]
+    assert constrained["tokens"] == free["tokens"] and run["free_tokens_equal"] == 32
+    assert constrained["masked_rows"] == constrained["generated_tokens"] == sum(constrained["tokens"])
+    assert free["masked_rows"] == 0 and free["mask_compute_s"] == 0
+    assert constrained["decode_only_steps"] > 0 and 0 < run["mask_share_of_step"] < 1
+    assert (run["compiles_first_run"], run["cache_hits_first_run"]) == (1, 31)
+    assert 0 < run["compile_hit_s"] < run["compile_cold_s"] < 0.5
+    assert report["ratios"]["ratio_constrained_over_free_decode_step_tiny"] == run["ratio_decode_step"]
+    names = [t["name"] for t in report["targets"]]
+    assert any(n.startswith("compile a 10-field schema, cold") for n in names)
+    assert "#### Constrained: 32 running requests" in md and "| tiny | schema | 32 |" in md
 
 
 @pytest.mark.parametrize("suite", ["pipeline", "serve"])

@@ -5,6 +5,7 @@ log-probabilities equal to a direct computation from the model's logits."""
 from __future__ import annotations
 
 import json
+import time
 
 import jsonschema
 import pytest
@@ -160,6 +161,60 @@ def test_compiled_grammars_are_cached(engine):
     after = engine.grammars.stats()
     assert after["constraint_compiles"] - before["constraint_compiles"] == 1
     assert after["constraint_cache_hits"] - before["constraint_cache_hits"] == 1
+
+
+def test_a_steps_masks_are_each_matchers_own_allowed_tokens(engine):
+    """All rows' masks from one call, unpacked: row r allows token t exactly when matcher r would
+    take t next (rows in different states); a width that is not a multiple of 32 is cut, not shifted."""
+    from actors.constraints import allowed
+
+    grammars = engine.grammars
+    matchers = [grammars.matcher(c) for c in ZOO] + [grammars.matcher(ZOO[0])]
+    for token in engine.tokenizer('{"colour":"re', add_special_tokens=False)["input_ids"]:
+        assert matchers[-1].consume_token(token)
+    mask = allowed(matchers, grammars.vocab, torch.device("cpu"))
+    assert mask.shape == (len(matchers), grammars.vocab)
+    for row, matcher in enumerate(matchers):
+        expected = [matcher.validate_tokens([t]) == 1 for t in range(grammars.vocab)]
+        assert mask[row].tolist() == expected, ZOO[row] if row < len(ZOO) else "mid-answer"
+    assert all(0 < int(n) < grammars.vocab for n in mask.sum(dim=1))
+    assert allowed(matchers, grammars.vocab - 13, torch.device("cpu")).equal(mask[:, :-13])
+
+
+def test_a_cache_hit_is_a_fresh_matcher_not_the_one_another_answer_moved(engine):
+    grammars = engine.grammars
+    moved = grammars.matcher(ZOO[0])
+    for token in engine.tokenizer('{"colour":"red"', add_special_tokens=False)["input_ids"]:
+        assert moved.consume_token(token)
+    again = grammars.matcher(ZOO[0])
+    brace = engine.tokenizer("{", add_special_tokens=False)["input_ids"]
+    assert again is not moved and again.validate_tokens(brace) == 1 and moved.validate_tokens(brace) == 0
+
+
+def _settled(engine) -> dict:
+    """The counters once the loop has published the step that ended the last request."""
+    for _ in range(400):
+        stats = engine.stats()
+        if not stats["running"] and not stats["waiting"]:
+            return stats
+        time.sleep(0.005)
+    raise AssertionError(f"the loop still reports running requests: {stats}")
+
+
+def test_the_loop_counts_what_constraints_cost(engine):
+    """Mask and step clocks move with a constrained step; only the steps' own clocks with a free one."""
+    before = _settled(engine)
+    results = engine.generate([_request(engine, k, "Describe.", SamplingParams(max_new_tokens=120, constraint=ZOO[0]))
+                               for k in range(3)])
+    after = _settled(engine)
+    grew = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
+    assert grew["masked_rows"] == sum(r.num_output_tokens for r in results) == grew["generated_tokens"]
+    assert grew["mask_compute_s"] > 0 and grew["step_s"] > grew["mask_compute_s"]
+    assert grew["decode_only_steps"] > 0 and grew["decode_only_rows"] >= grew["decode_only_steps"]
+    assert grew["constraint_cache_hits"] >= 2
+    engine.generate([_request(engine, 0, "Describe.", SamplingParams(max_new_tokens=5))])
+    free = _settled(engine)
+    assert free["masked_rows"] == after["masked_rows"] and free["step_s"] > after["step_s"]
 
 
 def test_choice_probabilities_of_requests_stepped_together_equal_each_alone(engine):
