@@ -9,7 +9,9 @@ from __future__ import annotations
 import ray
 
 ENGINE_TOTALS = ("requests", "prefill_tokens_submitted", "prefill_tokens_computed", "prefill_tokens_matched",
-                 "generated_tokens", "image_encodings_requested", "image_encodings_run", "isolated_steps")
+                 "generated_tokens", "image_encodings_requested", "image_encodings_run", "isolated_steps",
+                 "masked_rows", "mask_compute_s", "mask_apply_s", "matcher_advance_s", "constraint_compiles",
+                 "constraint_cache_hits", "constraint_compile_s")
 
 
 @ray.remote(num_cpus=0)
@@ -31,7 +33,8 @@ class JobStats:
         return self._rows_listed
 
     def totals(self) -> dict[str, int]:
-        return {k: sum(s.get(k, 0) for s in self._latest.values()) for k in ENGINE_TOTALS}
+        totals = {k: sum(s.get(k, 0) for s in self._latest.values()) for k in ENGINE_TOTALS}
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in totals.items()}
 
 
 def count_listed(stats_actor: str | None, rows: int) -> None:

@@ -65,6 +65,8 @@ def test_a_schema_gives_a_typed_answer_column_equal_to_the_reference(tiny_model,
 
     table = read_rows(str(folder / "typed"))
     assert table.schema.field("answer").type == schema_type(SCHEMA)
+    engine_counts = json.loads((folder / "typed" / "_summary.json").read_text())["engine"]
+    assert engine_counts["masked_rows"] > 0 and engine_counts["constraint_compiles"] == 1  # one actor, one schema
     rows = table.to_pylist()
     assert sorted(r["id"] for r in rows) == [f"{k}.png" for k in range(len(SIZES))]
     for row in rows:
