@@ -13,7 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.config import SamplingParams
+from actors import structured
+from pipeline.config import MAX_TOP_LOGPROBS, Constraint, SamplingParams
 from pipeline.schemas import GenerationResult
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -24,14 +25,19 @@ UNSUPPORTED_OPTIONS: dict[str, Any] = {
     "tool_choice": None,
     "functions": None,
     "function_call": None,
-    "logprobs": False,
-    "top_logprobs": None,
     "logit_bias": None,
     "audio": None,
     "prediction": None,
     "presence_penalty": 0,
     "frequency_penalty": 0,
+    # vLLM's older constraint fields: refused, or a client relying on them gets an unconstrained answer
+    "guided_json": None,
+    "guided_choice": None,
+    "guided_regex": None,
+    "guided_grammar": None,
 }
+# The row error of a constrained answer that ran out of tokens (actors/answer.py).
+INCOMPLETE = "generate: the answer did not complete"
 
 
 class ApiError(Exception):
@@ -170,9 +176,24 @@ def _check_unsupported(body: dict) -> None:
     n = _field(body, "n", _is_int, "an integer")
     if n is not None and n != 1:
         raise bad_request("only n=1 is supported", "unsupported_parameter")
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise bad_request("only response_format {'type': 'text'} is supported", "unsupported_parameter")
+
+
+def _parse_logprobs(body: dict) -> int | None:
+    """How many alternatives each token's log-probability comes with (None: no log-probabilities)."""
+    wanted = _field(body, "logprobs", lambda v: isinstance(v, bool), "a boolean")
+    top = _field(body, "top_logprobs", _is_int, "an integer")
+    if top is not None and not wanted:
+        raise bad_request("'top_logprobs' needs 'logprobs': true")
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"'top_logprobs' must be between 0 and {MAX_TOP_LOGPROBS}")
+    return (top or 0) if wanted else None
+
+
+def _parse_constraint(body: dict) -> Constraint | None:
+    try:
+        return structured.constraint_of(body)
+    except ValueError as exc:
+        raise bad_request(str(exc), "invalid_response_format") from None
 
 
 def parse_chat_request(body: Any, default_max_tokens: int, max_images: int | None = None) -> ChatRequest:
@@ -209,6 +230,8 @@ def parse_chat_request(body: Any, default_max_tokens: int, max_images: int | Non
         top_p=float(top_p if top_p is not None else 1.0),
         seed=seed,
         stop=tuple(_text(s, "stop") for s in _parse_stop(body.get("stop"))),
+        constraint=_parse_constraint(body),
+        logprobs=_parse_logprobs(body),
     )
     chars = sum(len(p["text"]) for m in messages for p in m["content"] if p["type"] == "text")
     return ChatRequest(messages, urls, params, stream, bool(stream_options.get("include_usage")), model,
@@ -226,8 +249,10 @@ def usage(result: GenerationResult) -> dict[str, int]:
     }
 
 
-def completion_body(request: ChatRequest, model: str, result: GenerationResult) -> dict[str, Any]:
-    """A `chat.completion` object for a finished result."""
+def completion_body(request: ChatRequest, model: str, result: GenerationResult,
+                    logprobs: list[dict] | None = None) -> dict[str, Any]:
+    """A `chat.completion` object for a finished result, with its tokens' log-probabilities in
+    OpenAI's shape when they were asked for (`structured.logprob_content`)."""
     return {
         "id": request.request_id,
         "object": "chat.completion",
@@ -238,29 +263,30 @@ def completion_body(request: ChatRequest, model: str, result: GenerationResult) 
                 "index": 0,
                 "message": {"role": "assistant", "content": result.response},
                 "finish_reason": result.finish_reason,
-                "logprobs": None,
+                "logprobs": {"content": logprobs} if logprobs is not None else None,
             }
         ],
         "usage": usage(result),
     }
 
 
-def text_deltas(response: str, token_ids: list[int], decode: Callable[[list[int]], str]) -> list[str]:
-    """Split a finished answer into per-token text pieces whose concatenation is exactly `response`.
+def text_deltas(response: str, token_ids: list[int], decode: Callable[[list[int]], str]) -> list[tuple[str, int]]:
+    """Split a finished answer into per-token text pieces whose concatenation is exactly `response`,
+    each with the number of tokens made by its end (whose log-probabilities go out with it).
 
     Each token's prefix is decoded; a prefix that is not yet a prefix of the answer (half of a
     multi-byte character, or text past a stop string) waits for a later token, and whatever is
     left at the end goes out as a last piece.
     """
-    pieces: list[str] = []
+    pieces: list[tuple[str, int]] = []
     sent = 0
     for k in range(1, len(token_ids) + 1):
         text = decode(token_ids[:k])
         if len(text) > sent and response.startswith(text):
-            pieces.append(text[sent:])
+            pieces.append((text[sent:], k))
             sent = len(text)
     if sent < len(response):
-        pieces.append(response[sent:])
+        pieces.append((response[sent:], len(token_ids)))
     return pieces
 
 
@@ -272,21 +298,24 @@ class Chunks:
         self.model = model
         self.created = int(time.time())
 
-    def _event(self, delta: dict, finish_reason: str | None) -> str:
+    def _event(self, delta: dict, finish_reason: str | None, logprobs: list[dict] | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason,
+                  "logprobs": {"content": logprobs} if logprobs is not None else None}
         body = {
             "id": self.request.request_id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+            "choices": [choice],
         }
         return f"data: {json.dumps(body)}\n\n"
 
     def role(self) -> str:
         return self._event({"role": "assistant", "content": ""}, None)
 
-    def content(self, text: str) -> str:
-        return self._event({"content": text}, None)
+    def content(self, text: str, logprobs: list[dict] | None = None) -> str:
+        """A piece of the answer, with the log-probabilities of the tokens made since the last piece."""
+        return self._event({"content": text}, None, logprobs)
 
     def end(self, result: GenerationResult) -> list[str]:
         """The finishing chunk, the usage chunk when asked for, and [DONE]."""
@@ -298,10 +327,11 @@ class Chunks:
         return events + ["data: [DONE]\n\n"]
 
 
-def sse_events(request: ChatRequest, model: str, result: GenerationResult, deltas: list[str]) -> list[str]:
+def sse_events(request: ChatRequest, model: str, result: GenerationResult,
+               deltas: list[tuple[str, int]]) -> list[str]:
     """Server-sent events for a finished answer (the static scheduler's streamed replies)."""
     chunks = Chunks(request, model)
-    return [chunks.role(), *(chunks.content(piece) for piece in deltas), *chunks.end(result)]
+    return [chunks.role(), *(chunks.content(piece) for piece, _ in deltas), *chunks.end(result)]
 
 
 def internal_error(request_id: str) -> ApiError:
@@ -311,9 +341,18 @@ def internal_error(request_id: str) -> ApiError:
 
 
 def engine_error(error: str, request_id: str) -> ApiError:
-    """An engine row error as an API error: prompt problems are the client's, the rest are ours."""
+    """An engine row error as an API error: prompt problems are the client's, the rest are ours.
+
+    A constrained answer out of tokens before its grammar ended is the client's too (its
+    `max_tokens` was too few for what it asked): the engine keeps no half-made JSON to hand back
+    with finish_reason "length", so it is a 400 saying so.
+    """
     if error.startswith("prompt:"):
-        return bad_request(error.removeprefix("prompt:").strip(), "invalid_prompt")
+        reason = error.removeprefix("prompt:").strip()
+        return bad_request(reason, "invalid_response_format" if " does not compile" in reason else "invalid_prompt")
+    if error.startswith(INCOMPLETE):
+        reason = error.removeprefix("generate:").strip()
+        return bad_request(f"{reason}; ask for more max_tokens", "answer_incomplete")
     return ApiError(500, f"generating the answer failed; the server's log has the details (request {request_id})",
                     "server_error", "generation_failed")
 

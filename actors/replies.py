@@ -3,8 +3,11 @@
 Plain asyncio around `Engine.submit` / `Engine.cancel`, the same for both schedulers, with no Ray
 and no web framework. A streamed reply sends each piece of text as soon as it is final (the
 continuous scheduler reports tokens as they come; the static one answers whole, and its pieces
-go out at the end); the pieces join to exactly the plain answer. A client that goes away closes
-the stream, which cancels the request in the engine.
+go out at the end); the pieces join to exactly the plain answer. Asked for, a token's
+log-probability goes out with the first piece of text released once the token is made (a piece
+may carry tokens whose text is still held back), so over a stream each token's comes exactly once
+and they are the plain reply's. A client that goes away closes the stream, which cancels the
+request in the engine.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from actors import openai_api as api
+from actors import structured
 from pipeline.schemas import GenerationRequest, GenerationResult
 
 
@@ -46,30 +50,36 @@ async def stream(engine: Any, chat: api.ChatRequest, generation: GenerationReque
     ends (result and error both None when the client left first); pieces go out at least
     `interval_s` apart, those made meanwhile together."""
     loop = asyncio.get_running_loop()
-    updates: asyncio.Queue[str | None] = asyncio.Queue()
+    updates: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
+    logprobs = generation.params.logprobs is not None
 
-    def on_update(submission) -> None:  # on the engine's loop thread
-        loop.call_soon_threadsafe(updates.put_nowait, submission.tracker.stable())
+    def on_update(submission) -> None:  # on the engine's loop thread: text that is final, tokens made
+        taken = len(submission.answer.token_logprobs) if logprobs else 0
+        loop.call_soon_threadsafe(updates.put_nowait, (submission.tracker.stable(), taken))
+
+    def shaped(entries: list[dict] | None, start: int, end: int) -> list[dict] | None:
+        return structured.logprob_content(entries[start:end], engine.token_bytes) if logprobs else None
 
     submission = engine.submit(generation, on_update if engine.streams else None)
     submission.future.add_done_callback(lambda _: loop.call_soon_threadsafe(updates.put_nowait, None))
     if submission.future.done() and submission.future.result().error is not None:
         raise api.engine_error(submission.future.result().error, chat.request_id)
     chunks = api.Chunks(chat, engine.model_name)
-    sent, result, error = "", None, None
+    sent, given, result, error = "", 0, None, None  # given: tokens whose log-probabilities went out
     try:
         yield chunks.role()
         last = -interval_s
-        while (text := await updates.get()) is not None:
+        while (update := await updates.get()) is not None:
             if (wait := last + interval_s - loop.time()) > 0:
                 await asyncio.sleep(wait)
-            while text is not None and not updates.empty():  # pieces that piled up go out as one
-                text = updates.get_nowait()
-            if text is None:
+            while update is not None and not updates.empty():  # pieces that piled up go out as one
+                update = updates.get_nowait()
+            if update is None:
                 break
+            text, taken = update
             if len(text) > len(sent) and text.startswith(sent):
-                yield chunks.content(text[len(sent):])
-                sent, last = text, loop.time()
+                yield chunks.content(text[len(sent):], shaped(submission.answer.token_logprobs, given, taken))
+                sent, given, last = text, taken, loop.time()
         result = submission.future.result()
         if result.error is not None:
             error = api.engine_error(result.error, chat.request_id)
@@ -77,10 +87,16 @@ async def stream(engine: Any, chat: api.ChatRequest, generation: GenerationReque
             yield "data: [DONE]\n\n"
             return
         rest = result.response[len(sent):] if result.response.startswith(sent) else ""
-        if rest:
-            pieces = [rest] if sent or engine.streams else api.text_deltas(rest, result.token_ids, engine.decode)
-            for piece in pieces:
-                yield chunks.content(piece)
+        made = len(result.token_ids)
+        if sent or engine.streams:
+            pieces = [(rest, made)] if rest else []
+        else:
+            pieces = api.text_deltas(rest, result.token_ids, engine.decode)
+        for piece, through in pieces:
+            yield chunks.content(piece, shaped(result.token_logprobs, given, through))
+            given = through
+        if logprobs and given < made:  # tokens that added no text, such as the end of sequence
+            yield chunks.content("", shaped(result.token_logprobs, given, made))
         for event in chunks.end(result):
             yield event
     finally:

@@ -6,7 +6,9 @@ fetched, decoded and tiled in a pool of preparation processes beside the model
 (`prepare_workers`), so neither holds the interpreter that steps the model. The engine answers it
 whole or streamed (actors/replies.py), the same way for both schedulers: the continuous one joins
 it to the running batch at the next token step, the static one gathers concurrent requests into
-batches of `generate`. A client that goes away cancels its request in the engine.
+batches of `generate`. A client that goes away cancels its request in the engine. A constrained
+answer's schema, regex or grammar is compiled in a thread under a time limit before the engine
+sees it (actors/structured.py).
 
 Admission is the replica's: past `max_ongoing_requests` running plus `max_queued_requests`
 waiting, a request gets an OpenAI-shaped 503 at once. Serve's own queue in front is unbounded,
@@ -40,7 +42,7 @@ from starlette.requests import ClientDisconnect
 
 from actors import chat as chat_text
 from actors import openai_api as api
-from actors import replies
+from actors import replies, structured
 from actors.engine import Engine
 from actors.image_policy import ImagePolicy, Refusal, prepare_image
 from pipeline.config import ServeOptions
@@ -116,6 +118,9 @@ class LlavaNextServer:
         self._admitted = 0
         # Parsing and tokenising grow with the body: never on the event loop.
         self._text_pool = ThreadPoolExecutor(2, thread_name_prefix="text")
+        # Constraints compile here (and log-probabilities find their tokens' bytes): never on the
+        # event loop, and apart from the text work, so a slow compile delays no other body.
+        self._answer_pool = ThreadPoolExecutor(2, thread_name_prefix="answer")
         self._requests = metrics.Counter("llava_requests", "Chat requests by HTTP status.", tag_keys=("status",))
         self._latency = metrics.Histogram(
             "llava_request_latency_ms", "End-to-end request latency in the replica.",
@@ -227,6 +232,8 @@ class LlavaNextServer:
             self.options.max_images_per_request, (self.engine.model_name, self.options.model),
         )
         chat = prepared.chat
+        if (why := await structured.answer_error(self.engine, chat.params, self._answer_pool)) is not None:
+            raise api.bad_request(why, "invalid_response_format")
         distinct = list(dict.fromkeys(chat.image_urls))
         ready = dict(zip(distinct, await asyncio.gather(*(self._prepare(url) for url in distinct))))
         images = [ready[url] for url in chat.image_urls]
@@ -251,6 +258,10 @@ class LlavaNextServer:
             if result.error is not None:
                 log.error("request %s failed in the engine: %s", chat.request_id, result.error)
                 raise api.engine_error(result.error, chat.request_id)
+            logprobs = None
+            if result.token_logprobs is not None:  # thousands of token lookups: not on the event loop
+                logprobs = await asyncio.get_running_loop().run_in_executor(
+                    self._answer_pool, structured.logprob_content, result.token_logprobs, self.engine.token_bytes)
         except api.ApiError as exc:
             return self._refuse(exc, start)
         except Exception:  # whatever goes wrong, this request fails alone and the replica lives
@@ -259,7 +270,7 @@ class LlavaNextServer:
             self._observe(500, start)
             return error_response(api.internal_error(request_id))
         self._log_done(chat, result, start)
-        return JSONResponse(api.completion_body(chat, self.engine.model_name, result))
+        return JSONResponse(api.completion_body(chat, self.engine.model_name, result, logprobs))
 
     # ---- helpers ------------------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 Answers are compared with the plain transformers reference (processor + `generate`, greedy) on
 the same messages, so batching, streaming and image handling are checked for what a user sees.
+Constrained answers and log-probabilities are compared with the engine's own, called directly
+on the same messages (tests/unit/test_constraints.py holds those to the reference).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from tests.helpers import data_url, encode, noise_image, reference_chat
+from tests.helpers import data_url, encode, noise_image, openai_to_internal, reference_chat
 
 pytestmark = pytest.mark.integration
 
@@ -223,7 +225,10 @@ ERROR_CASES = {
     "a text longer than the context can hold": (lambda u: _chat(text="x" * 2_900_000), API_KEY, 400),
     "n > 1": (lambda u: _chat(n=2), API_KEY, 400),
     "tools": (lambda u: _chat(tools=[{"type": "function", "function": {"name": "f"}}]), API_KEY, 400),
-    "logprobs": (lambda u: _chat(logprobs=True), API_KEY, 400),
+    "top_logprobs without logprobs": (lambda u: _chat(top_logprobs=2), API_KEY, 400),
+    "two constraints": (lambda u: _chat(response_format={"type": "json_object"},
+                                        structured_outputs={"regex": "[0-9]+"}), API_KEY, 400),
+    "a grammar that does not compile": (lambda u: _chat(structured_outputs={"grammar": "start: foo"}), API_KEY, 400),
     "loopback image host": (lambda u: _chat("http://127.0.0.1:9/x.png"), API_KEY, 400),
     "s3 outside the allowed prefix": (lambda u: _chat("s3://serve-images/x.png"), API_KEY, 400),
     "body over the limit": (lambda u: _chat(text="x" * 3_100_000), API_KEY, 413),
@@ -412,3 +417,139 @@ def test_a_wrong_method_is_a_405_that_says_so(server):
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=30)
     assert info.value.code == 405 and json.loads(info.value.read())["error"]["code"] == "method_not_allowed"
+
+
+# ---- constrained answers and log-probabilities -------------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"colour": {"enum": ["red", "green", "blue"]}, "count": {"type": "integer", "minimum": 0,
+                                                                         "maximum": 99}},
+    "required": ["colour", "count"],
+    "additionalProperties": False,
+}
+JSON_TOKENS = 60
+
+
+def engine_answer(engine, messages: list[dict], image, params):
+    """The engine's own answer to the same messages and image, called directly."""
+    from pipeline.preprocess import prepare
+    from pipeline.schemas import GenerationRequest
+
+    prompt, ids = engine.tokenize_chat(openai_to_internal(messages))
+    p = prepare(encode(image), engine.spec)
+    result = engine.generate([GenerationRequest(prompt, [p.tiles], [p.size], params, [p.digest], prompt_ids=ids)])[0]
+    assert result.error is None, result.error
+    return result
+
+
+def token_entries(engine, result) -> list[tuple]:
+    """(bytes, log-probability, [(bytes, log-probability)] of the alternatives) per token of an engine answer."""
+    def one(token: int) -> bytes:
+        return engine.token_bytes([token])[0]
+
+    return [(one(e["token"]), e["logprob"], [(one(t["token"]), t["logprob"]) for t in e["top"]])
+            for e in result.token_logprobs]
+
+
+def reply_entries(content) -> list[tuple]:
+    """The same from the `logprobs.content` of a reply (or a stream's chunks, joined)."""
+    return [(bytes(e.bytes), e.logprob, [(bytes(t.bytes), t.logprob) for t in e.top_logprobs]) for e in content]
+
+
+def streamed_entries(chunks) -> list:
+    return [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+
+
+def same_entries(got: list[tuple], expected: list[tuple]) -> bool:
+    """Equal tokens, and log-probabilities equal to float32 rounding (two engines, other batches,
+    a prompt computed whole or partly read from the prefix cache)."""
+    def close(a: float, b: float) -> bool:
+        return abs(a - b) < 1e-4
+
+    return len(got) == len(expected) and all(
+        gb == eb and close(gl, el) and [t for t, _ in gt] == [t for t, _ in et]
+        and all(close(a, b) for (_, a), (_, b) in zip(gt, et))
+        for (gb, gl, gt), (eb, el, et) in zip(got, expected)
+    )
+
+
+def test_a_json_schema_answer_is_valid_and_the_engines_own_plain_and_streamed(client, model_id, engine):
+    import jsonschema
+
+    from pipeline.config import Constraint, SamplingParams
+
+    image = noise_image(40, 36, seed=21)
+    messages = image_question(image, "Describe the image as JSON.")
+    fmt = {"type": "json_schema", "json_schema": {"name": "shape", "schema": SCHEMA, "strict": True}}
+    ask_json = dict(model=model_id, messages=messages, max_tokens=JSON_TOKENS, response_format=fmt, logprobs=True)
+    plain = client.chat.completions.create(**ask_json)
+    chunks = list(client.chat.completions.create(**ask_json, stream=True))
+    answer = plain.choices[0].message.content
+    jsonschema.validate(json.loads(answer), SCHEMA)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
+    assert plain.choices[0].finish_reason == "stop" and chunks[-1].choices[0].finish_reason == "stop"
+    own = engine_answer(engine, messages, image, SamplingParams(max_new_tokens=JSON_TOKENS, logprobs=0,
+                                                                 constraint=Constraint.json_schema(SCHEMA)))
+    assert answer == own.response
+    expected = token_entries(engine, own)  # the same tokens, each with its log-probability
+    assert same_entries(reply_entries(plain.choices[0].logprobs.content), expected)
+    assert same_entries(reply_entries(streamed_entries(chunks)), expected)
+
+
+def test_vllm_clients_choices_come_through_extra_body(client, model_id, engine):
+    from pipeline.config import Constraint, SamplingParams
+
+    choices = ["circle", "circles", "square", "triangle"]
+    image = noise_image(44, 30, seed=22)
+    messages = image_question(image, "What shape is it?")
+    reply = client.chat.completions.create(model=model_id, messages=messages, max_tokens=MAX_TOKENS,
+                                           extra_body={"structured_outputs": {"choice": choices}})
+    own = engine_answer(engine, messages, image, SamplingParams(max_new_tokens=MAX_TOKENS,
+                                                                 constraint=Constraint.choices(choices)))
+    assert reply.choices[0].message.content in choices
+    assert reply.choices[0].message.content == own.response
+
+
+def test_logprobs_with_top_alternatives_plain_and_streamed_are_the_engines(client, model_id, engine):
+    from pipeline.config import SamplingParams
+
+    image = noise_image(50, 30, seed=1)  # its answer runs to max_tokens: no end-of-sequence token
+    messages = image_question(image)
+    ask_logprobs = dict(model=model_id, messages=messages, max_tokens=MAX_TOKENS, logprobs=True, top_logprobs=3)
+    plain = client.chat.completions.create(**ask_logprobs)
+    chunks = list(client.chat.completions.create(**ask_logprobs, stream=True))
+    content = plain.choices[0].logprobs.content
+    assert plain.choices[0].finish_reason == "length" and len(content) == plain.usage.completion_tokens
+    assert b"".join(bytes(e.bytes) for e in content).decode() == plain.choices[0].message.content
+    assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in content)
+    # every token once over the stream; log-probabilities to float32 rounding (the second request
+    # reuses the first one's cached prompt, which changes the last bits of the first logits)
+    assert same_entries(reply_entries(streamed_entries(chunks)), reply_entries(content))
+    text, raw = "", b""
+    for choice in (c.choices[0] for c in chunks if c.choices):
+        text += choice.delta.content or ""
+        raw += b"".join(bytes(e.bytes) for e in (choice.logprobs.content if choice.logprobs else []))
+        assert raw.startswith(text.encode())  # a piece of text goes out with its tokens, never before them
+    own = engine_answer(engine, messages, image, SamplingParams(max_new_tokens=MAX_TOKENS, logprobs=3))
+    assert same_entries(reply_entries(content), token_entries(engine, own))
+    assert plain.choices[0].logprobs is not None and ask(client, model_id, messages).choices[0].logprobs is None
+
+
+def test_constraints_that_cannot_be_met_are_openai_shaped_400s(client, model_id):
+    from openai import BadRequestError
+
+    nonsense = {"type": "object", "properties": {"a": {"type": "nonsense"}}}
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "bad", "schema": nonsense}}
+    for stream, extra in [(False, {"response_format": bad_schema}),
+                          (True, {"extra_body": {"structured_outputs": {"regex": "[a-"}}})]:
+        with pytest.raises(BadRequestError) as info:
+            client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=4, stream=stream, **extra)
+        assert info.value.code == "invalid_response_format"
+        assert "does not compile" in info.value.message
+    fmt = {"type": "json_schema", "json_schema": {"name": "shape", "schema": SCHEMA}}
+    with pytest.raises(BadRequestError) as info:  # three tokens cannot finish the object
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=3, response_format=fmt)
+    assert info.value.code == "answer_incomplete" and "within 3 tokens" in info.value.message

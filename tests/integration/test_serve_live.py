@@ -251,3 +251,32 @@ def test_the_static_scheduler_still_answers_and_streams(base, reference):
     text, times, _, _ = timed_stream(base, messages, 12, prefix="/static")
     assert plain == text == reference_chat(reference, messages, [image], 12)
     assert stats(f"{base}/static")["scheduler"] == "static"
+
+
+def test_the_static_scheduler_streams_constrained_answers_and_logprobs_as_the_continuous_one(base):
+    """The static scheduler answers whole: its stream is the answer cut into per-token pieces, each
+    with its tokens' log-probabilities, and it equals the continuous endpoint's answer."""
+    schema = {"type": "object", "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["count"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "count", "schema": schema}}
+    messages = question(noise_image(36, 52, seed=13), "How many? Answer in JSON.")
+
+    def reply(prefix: str, stream: bool = False):
+        c = client(base, prefix)
+        return c.chat.completions.create(model=c.models.list().data[0].id, messages=messages, max_tokens=40,
+                                         response_format=fmt, logprobs=True, top_logprobs=2, stream=stream)
+
+    def entries(content) -> list[tuple]:
+        return [(bytes(e.bytes), round(e.logprob, 4), [bytes(t.bytes) for t in e.top_logprobs]) for e in content]
+
+    static, continuous = reply("/static"), reply("")
+    chunks = list(reply("/static", stream=True))
+    answer = static.choices[0].message.content
+    assert json.loads(answer)["count"] in range(100)
+    assert answer == continuous.choices[0].message.content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
+    pieces = [c.choices[0].logprobs.content for c in chunks if c.choices and c.choices[0].logprobs]
+    assert len(pieces) > 1  # the pieces carry their own tokens, not all of them at the end
+    assert entries([e for piece in pieces for e in piece]) == entries(static.choices[0].logprobs.content)
+    assert [b for b, _, _ in entries(static.choices[0].logprobs.content)] == [
+        b for b, _, _ in entries(continuous.choices[0].logprobs.content)]

@@ -1,4 +1,5 @@
-"""Request parsing and reply shapes of the OpenAI API, without Ray or a model."""
+"""Request parsing and reply shapes of the OpenAI API (constrained answers and log-probabilities
+included), without Ray or a model."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import json
 import pytest
 
 from actors import openai_api as api
-from pipeline.config import ConfigError, EngineConfig, ServeOptions
+from actors import structured
+from pipeline.config import ConfigError, Constraint, EngineConfig, ServeOptions
 from tests.helpers import encode, noise_image
 
 PNG = encode(noise_image(8, 8))
@@ -87,8 +89,8 @@ def test_sampling_options_and_defaults():
         {"model": 7},
         {"n": 2},
         {"tools": [{"type": "function"}]},
-        {"logprobs": True},
-        {"response_format": {"type": "json_object"}},
+        {"logprobs": "yes"},
+        {"guided_json": {"type": "object"}},
     ],
 )
 def test_bad_requests_are_400(body):
@@ -127,12 +129,14 @@ def test_text_deltas_rebuild_the_answer_exactly():
     def decode(ids):
         return "".join(words[i] for i in ids)
 
-    assert api.text_deltas("Hello world!!", [0, 1, 2, 3, 4], decode) == words
+    assert api.text_deltas("Hello world!!", [0, 1, 2, 3, 4], decode) == list(zip(words, range(1, 6)))
     # a stop string cut the answer short: later text never leaks into the stream
-    assert "".join(api.text_deltas("Hello wor", [0, 1, 2, 3, 4], decode)) == "Hello wor"
-    # "é" split over two tokens: the first decodes to a replacement char, which is held back
+    cut = api.text_deltas("Hello wor", [0, 1, 2, 3, 4], decode)
+    assert "".join(piece for piece, _ in cut) == "Hello wor" and cut[-1][1] == 3
+    # "é" split over two tokens: the first decodes to a replacement char, which is held back and
+    # goes out with the second (and so do both tokens' log-probabilities)
     split = {1: "caf\ufffd", 2: "café"}
-    assert api.text_deltas("café", [0, 1], lambda ids: split[len(ids)]) == ["café"]
+    assert api.text_deltas("café", [0, 1], lambda ids: split[len(ids)]) == [("café", 2)]
     assert api.text_deltas("", [], decode) == []
 
 
@@ -141,7 +145,7 @@ def test_sse_events_follow_the_chunk_format():
 
     req = parse(stream=True, stream_options={"include_usage": True})
     result = GenerationResult(response="ab", finish_reason="stop", num_input_tokens=4, num_output_tokens=2)
-    events = api.sse_events(req, "tiny", result, ["a", "b"])
+    events = api.sse_events(req, "tiny", result, [("a", 1), ("b", 2)])
     assert events[-1] == "data: [DONE]\n\n"
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == req.request_id for c in chunks)
@@ -186,3 +190,119 @@ def test_the_shipped_serve_config_is_valid_options():
     config = yaml.safe_load((Path(__file__).resolve().parents[2] / "actors" / "serve_config.yaml").read_text())
     options = ServeOptions.from_args(config["applications"][0]["args"])
     assert options.engine.scheduler == "continuous" and options.allow_s3_prefixes == ()
+
+
+# ---- constrained answers and log-probabilities ----------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+
+@pytest.mark.parametrize("body, constraint", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA, "strict": True}}},
+     Constraint.json_schema(SCHEMA)),
+    ({"response_format": {"type": "json_object"}}, Constraint.json_schema({"type": "object"})),
+    ({"response_format": {"type": "text"}}, None),
+    ({"structured_outputs": {"choice": ["yes", "no"]}}, Constraint.choices(["yes", "no"])),
+    ({"structured_outputs": {"regex": "[0-9]+", "json": None, "disable_fallback": False}},
+     Constraint("regex", "[0-9]+")),
+    ({"structured_outputs": {"json": SCHEMA}}, Constraint.json_schema(SCHEMA)),
+    ({"structured_outputs": {"json": '{"type": "object"}'}}, Constraint("json_schema", '{"type": "object"}')),
+    ({"structured_outputs": {"json_object": True}}, Constraint.json_schema({"type": "object"})),
+    ({"structured_outputs": {"grammar": 'start: "a" | "b"'}}, Constraint("grammar", 'start: "a" | "b"')),
+    ({"response_format": {"type": "text"}, "structured_outputs": {"choice": ["a"]}}, Constraint.choices(["a"])),
+])
+def test_response_format_and_structured_outputs_become_the_engines_constraint(body, constraint):
+    assert parse(**body).params.constraint == constraint
+
+
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+@pytest.mark.parametrize("body, says", [
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"choice": ["a"]}}, "not both"),
+    ({"structured_outputs": {"choice": ["a"], "regex": "a"}}, "exactly one"),
+    ({"structured_outputs": {}}, "exactly one"),
+    ({"structured_outputs": {"whitespace_pattern": " "}}, "not supported"),
+    ({"structured_outputs": {"choice": []}}, "choices"),
+    ({"structured_outputs": {"choice": ["a", 1]}}, "choices"),
+    ({"structured_outputs": {"choice": "a"}}, "list"),
+    ({"structured_outputs": {"regex": ""}}, "empty"),
+    ({"structured_outputs": {"json": "[1]"}}, "JSON object"),
+    ({"structured_outputs": {"json_object": "yes"}}, "true"),
+    ({"structured_outputs": ["choice"]}, "object"),
+    ({"response_format": "json"}, "'type'"),
+    ({"response_format": {"type": "xml"}}, "json_schema"),
+    ({"response_format": {"type": "json_schema"}}, "json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}}, "name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n"}}}, "schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA, "strict": 1}}},
+     "strict"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": _nested(5000)}}}, "deeply"),
+])
+def test_a_response_format_that_cannot_be_used_is_a_400_that_says_why(body, says):
+    err = refused(**body)
+    assert (err.status, err.code) == (400, "invalid_response_format")
+    assert says in err.message
+
+
+def test_logprobs_and_top_logprobs():
+    assert parse().params.logprobs is None and parse(logprobs=False).params.logprobs is None
+    assert parse(logprobs=True).params.logprobs == 0
+    assert parse(logprobs=True, top_logprobs=20).params.logprobs == 20
+    for body in ({"top_logprobs": 2}, {"logprobs": False, "top_logprobs": 0}, {"logprobs": True, "top_logprobs": 21},
+                 {"logprobs": True, "top_logprobs": -1}, {"logprobs": True, "top_logprobs": 2.0}):
+        err = refused(**body)
+        assert err.status == 400 and "top_logprobs" in err.message
+
+
+# Token ids -> their bytes: "é" is split over two tokens, and 9 is the end of sequence.
+TOKEN_BYTES = {1: b"caf", 2: b"\xc3", 3: b"\xa9", 4: b" ok", 9: b"</s>"}
+
+
+def token_bytes(ids: list[int]) -> list[bytes]:
+    return [TOKEN_BYTES[i] for i in ids]
+
+
+def test_logprobs_in_openais_shape_keep_each_tokens_own_bytes():
+    entries = [
+        {"token": 1, "logprob": -0.5, "top": [{"token": 1, "logprob": -0.5}, {"token": 4, "logprob": -1.5}]},
+        {"token": 2, "logprob": -0.25, "top": []},
+        {"token": 3, "logprob": float("-inf"), "top": []},
+        {"token": 9, "logprob": -0.125, "top": []},
+    ]
+    content = structured.logprob_content(entries, token_bytes)
+    assert content[0] == {"token": "caf", "bytes": list(b"caf"), "logprob": -0.5, "top_logprobs": [
+        {"token": "caf", "bytes": list(b"caf"), "logprob": -0.5},
+        {"token": " ok", "bytes": list(b" ok"), "logprob": -1.5},
+    ]}
+    assert bytes(content[1]["bytes"] + content[2]["bytes"]).decode() == "é"
+    assert content[1]["token"] == "\ufffd"
+    assert content[2]["logprob"] == structured.LOWEST_LOGPROB  # JSON has no -inf
+    assert content[3]["token"] == "</s>" and content[3]["top_logprobs"] == []
+    assert json.loads(json.dumps(content, allow_nan=False)) == content
+
+
+def test_replies_carry_logprobs_only_when_asked():
+    from pipeline.schemas import GenerationResult
+
+    req = parse(logprobs=True)
+    result = GenerationResult(response="ab", finish_reason="stop", num_output_tokens=1)
+    content = [{"token": "ab", "bytes": [97, 98], "logprob": -0.5, "top_logprobs": []}]
+    assert api.completion_body(req, "tiny", result, content)["choices"][0]["logprobs"] == {"content": content}
+    assert api.completion_body(req, "tiny", result)["choices"][0]["logprobs"] is None
+    chunks = api.Chunks(req, "tiny")
+    assert json.loads(chunks.content("ab", content).removeprefix("data: "))["choices"][0]["logprobs"] == {
+        "content": content}
+    assert json.loads(chunks.content("ab").removeprefix("data: "))["choices"][0]["logprobs"] is None
+
+
+def test_constrained_answers_that_fail_in_the_engine_are_the_clients_400s():
+    bad = api.engine_error("prompt: the regex does not compile: unclosed character class", "r1")
+    assert (bad.status, bad.code) == (400, "invalid_response_format") and "unclosed" in bad.message
+    short = api.engine_error("generate: the answer did not complete the schema within 3 tokens", "r1")
+    assert (short.status, short.code) == (400, "answer_incomplete")
+    assert "within 3 tokens" in short.message and "max_tokens" in short.message
