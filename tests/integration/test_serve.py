@@ -537,7 +537,7 @@ def test_logprobs_with_top_alternatives_plain_and_streamed_are_the_engines(clien
 
 
 def test_constraints_that_cannot_be_met_are_openai_shaped_400s(client, model_id):
-    from openai import BadRequestError
+    from openai import APIError, BadRequestError
 
     nonsense = {"type": "object", "properties": {"a": {"type": "nonsense"}}}
     bad_schema = {"type": "json_schema", "json_schema": {"name": "bad", "schema": nonsense}}
@@ -549,7 +549,10 @@ def test_constraints_that_cannot_be_met_are_openai_shaped_400s(client, model_id)
         assert info.value.code == "invalid_response_format"
         assert "does not compile" in info.value.message
     fmt = {"type": "json_schema", "json_schema": {"name": "shape", "schema": SCHEMA}}
+    short = dict(model=model_id, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, response_format=fmt)
     with pytest.raises(BadRequestError) as info:  # three tokens cannot finish the object
-        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hi"}],
-                                       max_tokens=3, response_format=fmt)
+        client.chat.completions.create(**short)
     assert info.value.code == "answer_incomplete" and "within 3 tokens" in info.value.message
+    with pytest.raises(APIError) as info:  # a stream has begun: the error is its last event
+        list(client.chat.completions.create(**short, stream=True))
+    assert info.value.code == "answer_incomplete"
