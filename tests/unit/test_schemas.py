@@ -6,6 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from actors.predictor import Predictor
+from pipeline.answers import AnswerSpec, Constraint
 from pipeline.config import EngineConfig, ImageLimits
 from pipeline.preprocess import StageConfig, prepare_batch
 from pipeline.schemas import OUTPUT_FIELDS, PREPARED_COLUMNS, PREPARED_FIELDS, QUESTION_FIELDS, TILES
@@ -28,13 +29,17 @@ def test_the_cpu_stage_writes_the_declared_columns(tiny_model):
 
 
 def test_the_generation_stage_writes_the_output_contract(tiny_model):
-    for questions, extra in (((), []), (("What?", "Why?"), QUESTION_FIELDS)):
+    """The output contract, the answer columns of the run (pipeline/answers.py) included."""
+    for questions, extra, answers in (
+        ((), [], AnswerSpec()),
+        (("What?", "Why?"), QUESTION_FIELDS, AnswerSpec(Constraint.choices(["a", "b"]), logprobs=1)),
+    ):
         predictor = Predictor(EngineConfig(model=tiny_model, max_new_tokens=2), "id", keep=("src",),
-                              questions_mode=bool(questions))
+                              questions_mode=bool(questions), answers=answers)
         try:
             out = predictor(_prepared(tiny_model, questions))
         finally:
             predictor.engine.close()
-        assert out.schema == pa.schema([pa.field("id", pa.string()), *OUTPUT_FIELDS, *extra,
+        assert out.schema == pa.schema([pa.field("id", pa.string()), *OUTPUT_FIELDS, *answers.fields(), *extra,
                                         pa.field("src", pa.string())])
         assert out.num_rows == 2 * max(1, len(questions))
