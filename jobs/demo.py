@@ -5,7 +5,8 @@ Usage: python -m jobs.demo [--model DIR] [--workdir DIR] [--images N]
 With no --model it uses the shipped shapes checkpoint (which answers shape and colour questions),
 or builds a tiny random one if that is missing. The manifest mixes image sizes and aspects, asks
 three kinds of question, and has one two-image row. A second run asks the shape questions again
-with the shape names as choices: the answer as a label, with every label's probability.
+with the shape names as choices: the answer as a label, with every label's probability. The first
+run's report (python -m jobs.report) is written beside its output.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import synthetic
+from jobs.report import make_report
 from pipeline.answers import AnswerSpec, Constraint
 from pipeline.config import AnnotateConfig, EngineConfig
 
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + ", ".join(f"{k}: {v['correct']}/{v['total']} right" for k, v in sorted(accuracy.items())))
     labelled(work, model, args.images)
     ray.shutdown()
+    print(f"\nreport: {make_report(cfg.output)}")
     return 0
 
 
