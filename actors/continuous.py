@@ -63,6 +63,7 @@ class Submission:
     state: Request | None = None
     answer: Answer | None = None
     choice_probs: dict[str, float] | None = None
+    settled: list[int] | None = None
 
     @property
     def done(self) -> bool:
@@ -299,39 +300,53 @@ class ContinuousLoop:
         answers = [r.payload.answer for r in requests]
         chosen = choose(constrain(answers, logits, self.mask_times), params, positions)
         take(answers, logits, chosen, [not r.tokens for r in requests], self.mask_times)
+        for k, request in enumerate(requests):
+            sub: Submission = request.payload
+            if sub.answer.first_logits is not None and sub.choice_probs is None:
+                self._score_choices(request)
+                chosen[k] = sub.settled[0] if sub.settled else chosen[k]
         return {r.key: t for r, t in zip(requests, chosen)}
 
     def _after(self, changed: list[Request]) -> None:
-        """Stop strings, listeners and endings for the requests that got a token."""
+        """Choice scores, stop strings, listeners and endings for the requests that got a token; a
+        request whose handling breaks fails alone, so the loop and the others go on."""
         for request in changed:
-            sub: Submission = request.payload
-            if sub.first_token_s is None:
-                sub.first_token_s = time.perf_counter() - sub.started
-            if sub.params.stop or sub.on_update is not None:
-                if sub.tracker.update(request.tokens):
-                    self.scheduler.finish(request, "stop")
-            if sub.answer.stopped:  # the grammar is complete: nothing can follow
+            try:
+                self._after_one(request)
+            except Exception as exc:
+                log.exception("request %s failed after its step", request.key)
+                self.scheduler.fail(request, f"generate: {type(exc).__name__}: {exc}")
+                self._resolve(request.payload)
+
+    def _after_one(self, request: Request) -> None:
+        sub: Submission = request.payload
+        if sub.first_token_s is None:
+            sub.first_token_s = time.perf_counter() - sub.started
+        if sub.settled:  # a greedy choice answer: the most probable choice, whole
+            request.tokens, request.finish_reason = list(sub.settled), "stop"
+            self.scheduler.finish(request, "stop")
+        if sub.params.stop or sub.on_update is not None:
+            if sub.tracker.update(request.tokens):
                 self.scheduler.finish(request, "stop")
-            if sub.answer.first_logits is not None and sub.choice_probs is None:
-                self._score_choices(request)
-            if request.status is Status.FINISHED:
-                self._resolve(sub)
-            elif sub.on_update is not None:
-                sub.on_update(sub)
+        if sub.answer.stopped and request.status is not Status.FINISHED:  # the grammar is complete
+            self.scheduler.finish(request, "stop")
+        if request.status is Status.FINISHED:
+            self._resolve(sub)
+        elif sub.on_update is not None:
+            sub.on_update(sub)
 
     def _score_choices(self, request: Request) -> None:
-        """Every choice's probability as the whole answer, from the request's prefilled prompt; a
-        greedy request is answered with the most probable choice at once."""
+        """Every choice's probability as the whole answer, from the request's prefilled prompt, in
+        the step that made its first token: the slot holds its KV then, before any ending of the
+        step moves slots. A greedy request's answer becomes the most probable choice (`settled`)."""
         sub: Submission = request.payload
         choices = ChoiceTokens.of(sub.params.constraint.options, self.checkpoint.tokenizer,
                                   min(self.checkpoint.eos_ids))
-        self.runner.apply(*self.scheduler.pending())  # the request's slot may have moved this step
         rows = self.runner.score(request, sub.answer.first_logits, choices.ids)
         sub.choice_probs, best = choice_probs(choices, rows)
-        if sub.params.temperature == 0 and rows[best] is not None and request.status is not Status.FINISHED:
+        if sub.params.temperature == 0 and rows[best] is not None:
             sub.answer.settle(choices.ids[best], rows[best])
-            request.tokens = list(choices.ids[best])
-            self.scheduler.finish(request, "stop")
+            sub.settled = list(choices.ids[best])
 
     # ---- endings ------------------------------------------------------------------------------
 

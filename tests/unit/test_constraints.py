@@ -227,3 +227,17 @@ def test_choice_probabilities_of_requests_stepped_together_equal_each_alone(engi
         alone = engine.generate([request])[0]
         assert got.response == alone.response
         assert got.choice_probs == pytest.approx(alone.choice_probs, abs=1e-6)
+
+
+@pytest.mark.parametrize("new", [1, 8])
+def test_single_token_choices_are_scored_and_answered(any_engine, new):
+    """A one-token choice completes its grammar with its first token (and `max_new_tokens=1` ends it
+    by length): the choices are scored all the same, from the step that made that token."""
+    options = ["a", "b", "c"]
+    assert all(len(any_engine.tokenizer(o, add_special_tokens=False)["input_ids"]) == 1 for o in options)
+    params = SamplingParams(max_new_tokens=new, constraint=Constraint.choices(options), choice_probs=True)
+    requests = [_request(any_engine, k % 9, f"Which letter? ({k})", params) for k in range(6)]
+    for result in any_engine.generate(requests):
+        assert result.error is None and result.finish_reason == "stop", result.error
+        assert result.response == max(result.choice_probs, key=result.choice_probs.get)
+        assert sum(result.choice_probs.values()) == pytest.approx(1.0, abs=1e-9)
