@@ -103,7 +103,6 @@ def build_plan(
     report their engines' counters, and listed inputs their row counts, to the named
     `stats_actor` when one is given.
     """
-    import ray
 
     columns = spec.columns
     ds = read_input(cfg.input, spec, stats_actor, cfg.preprocess_batch_size)
@@ -117,6 +116,16 @@ def build_plan(
             batch_format="pyarrow",
             batch_size=None,
         )
+    return answer_rows(ds, cfg, spec, done_pairs, stats_actor)
+
+
+def answer_rows(ds, cfg: AnnotateConfig, spec: InputSpec, done_pairs: list | None = None,
+                stats_actor: str | None = None):
+    """The plan from rows in the input's columns to output rows: the CPU stage, then the generation
+    actors. The CLI feeds it what it read; `jobs.annotate.annotate`, a caller's own Dataset."""
+    import ray
+
+    columns = spec.columns
     # Small blocks from the start: every CPU task and actor gets work early, and rows reach the
     # output files as they are answered instead of all at the end.
     ds = ds.repartition(target_num_rows_per_block=cfg.preprocess_batch_size)

@@ -28,7 +28,7 @@ from pipeline.errors import ConfigError
 
 CONSTRAINT_KINDS = ("json_schema", "choice", "regex", "grammar")
 MAX_TOP_LOGPROBS = 20
-# The key a questions-file object names each kind of constraint with.
+# The key a questions-file object or a keyword argument names each kind of constraint with.
 QUESTION_KEYS = {"json_schema": "json_schema", "choices": "choice", "regex": "regex", "grammar": "grammar"}
 
 
@@ -290,9 +290,16 @@ def read_questions(path: str) -> tuple[tuple[str, ...], tuple[Constraint | None,
         items = json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"--questions-file {path} is not a valid JSON list: {exc}") from None
-    if not isinstance(items, list) or not items:
+    if not isinstance(items, list):
         raise ConfigError(f"--questions-file {path} must hold a non-empty JSON list")
-    parsed = [_question_item(item, f"--questions-file {path} item {k}") for k, item in enumerate(items)]
+    return parse_questions(items, f"--questions-file {path}")
+
+
+def parse_questions(items: list, where: str) -> tuple[tuple[str, ...], tuple[Constraint | None, ...]]:
+    """Questions, each a string or an object with its own constraint (see `read_questions`)."""
+    if not items:
+        raise ConfigError(f"{where} holds no questions")
+    parsed = [_question_item(item, f"{where} item {k}") for k, item in enumerate(items)]
     constraints = tuple(c for _, c in parsed)
     return tuple(q for q, _ in parsed), constraints if any(constraints) else ()
 
@@ -325,3 +332,17 @@ def constraint_of(kind: str, value: Any, where: str) -> Constraint:
     if not isinstance(value, str):
         raise ConfigError(f"{where}: {kind.replace('_', ' ')} must be {'an object' if kind == 'json_schema' else 'a string'}")
     return Constraint(kind, value)
+
+
+def constraint_option(options: dict[str, Any]) -> Constraint | None:
+    """A constraint from Python keyword arguments: `json_schema=` (a dict or its JSON text),
+    `choices=` (a list, or comma-separated text), `regex=` or `grammar=` (text); at most one."""
+    given = [k for k in QUESTION_KEYS if options.get(k) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"give one of json_schema, choices, regex, grammar; got {', '.join(given)}")
+    if not given:
+        return None
+    value = options[given[0]]
+    if given[0] == "choices" and isinstance(value, str):
+        value = [c.strip() for c in value.split(",") if c.strip()]
+    return constraint_of(QUESTION_KEYS[given[0]], value, given[0])

@@ -146,6 +146,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 DEFAULT_QUESTION = "What is shown in this image?"
+# The `input` of a run on a caller's own Ray Dataset (jobs.annotate.annotate), which has no paths.
+DATASET_INPUT = "<ray.data.Dataset>"
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,9 @@ class AnnotateConfig:
     answers: AnswerSpec = field(default_factory=AnswerSpec)
 
     def __post_init__(self) -> None:
+        if self.input == DATASET_INPUT:
+            self._check_options()
+            return
         if not self.input or not self.output:
             raise ConfigError("--input and --output are required")
         if self.input.rstrip("/") == self.output.rstrip("/"):
@@ -207,6 +212,10 @@ class AnnotateConfig:
                 f"--output {self.output} lies inside --input {self.input}: the next run would read its files as "
                 "input; write the output elsewhere"
             )
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Everything but the paths: what a caller's own Dataset is checked for too."""
         _check_choice("--dedupe", self.dedupe, DEDUPE_MODES)
         _check_choice("--input-format", self.input_format, INPUT_FORMATS)
         if self.questions and self.questions_column:
