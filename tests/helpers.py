@@ -174,3 +174,19 @@ def reference_constrained(reference, engine, images: list[Image.Image], prompt: 
         if token in engine.eos_ids or check.is_stopped():
             return tokens[: k + 1]
     return tokens
+
+
+# A JSON schema bounded everywhere (enums, small integers, short patterned strings), so the random
+# tiny model, which otherwise babbles, completes it within a small token budget.
+BOUNDED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "colour": {"enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]{1,4}$"}, "maxItems": 2},
+        "inner": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False},
+    },
+    "required": ["colour", "count", "inner"],
+    "additionalProperties": False,
+}

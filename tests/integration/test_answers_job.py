@@ -17,22 +17,9 @@ from jobs import annotate
 from pipeline.answers import Constraint, schema_type
 from pipeline.config import DEFAULT_QUESTION
 from pipeline.write import read_rows
-from tests.helpers import noise_image, reference_constrained
+from tests.helpers import BOUNDED_SCHEMA, noise_image, reference_constrained
 
-# Bounded everywhere (enums, small integers, short patterned strings), so the random tiny model,
-# which otherwise babbles, completes it within the token budget.
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "colour": {"enum": ["red", "green", "blue"]},
-        "count": {"type": "integer", "minimum": 0, "maximum": 99},
-        "tags": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]{1,4}$"}, "maxItems": 2},
-        "inner": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
-                  "additionalProperties": False},
-    },
-    "required": ["colour", "count", "inner"],
-    "additionalProperties": False,
-}
+SCHEMA = BOUNDED_SCHEMA
 CHOICES = ["circle", "circles", "square", "triangle"]  # shared first tokens, and one a prefix of another
 REGEX = r"[0-9]{2,3}( cm)?"
 MAX_NEW = 100

@@ -16,20 +16,9 @@ from actors.constraints import ConstraintError, GrammarProcessor
 from pipeline.config import Constraint, SamplingParams
 from pipeline.preprocess import decode, prepare
 from pipeline.schemas import GenerationRequest
-from tests.helpers import encode, noise_image
+from tests.helpers import BOUNDED_SCHEMA, encode, noise_image
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "colour": {"enum": ["red", "green", "blue"]},
-        "count": {"type": "integer", "minimum": 0, "maximum": 99},
-        "tags": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]{1,4}$"}, "maxItems": 2},
-        "inner": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
-                  "additionalProperties": False},
-    },
-    "required": ["colour", "count", "inner"],
-    "additionalProperties": False,
-}
+SCHEMA = BOUNDED_SCHEMA
 CHOICES = ["circle", "circles", "square", "triangle"]  # shared first tokens: "ci...", and a prefix of another
 ZOO = [Constraint.json_schema(SCHEMA), Constraint.choices(CHOICES), Constraint("regex", r"[0-9]{2,3}( cm)?"),
        Constraint("grammar", 'start: "yes" | "no" | "maybe " NUM\nNUM: /[0-9]/')]
