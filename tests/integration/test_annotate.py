@@ -85,7 +85,7 @@ def test_uri_manifest_from_s3_to_s3(tiny_model, ray_local, bucket, images, tmp_p
 
     fs, path = filesystem("s3://data/out-uri")
     schema = pads.dataset(path, format="parquet", filesystem=arrow_filesystem(fs)).schema
-    assert schema.names == ["id", *OUTPUT_COLUMNS, "source"]
+    assert schema.names == ["id", *OUTPUT_COLUMNS, "logprob", "source"]
     assert "tiles" not in schema.names
     assert bucket.exists("data/out-uri/_config.json") and bucket.exists("data/out-uri/_summary.json")
 
