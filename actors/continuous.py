@@ -201,6 +201,10 @@ class ContinuousLoop:
         """The scheduler's and runner's counters, step and mask times, and the grammar cache's."""
         return dict(self._stats)
 
+    def alive(self) -> bool:
+        """Whether the loop thread still runs and takes requests (a replica's health check asks)."""
+        return self._thread.is_alive() and not self._closing.is_set()
+
     def close(self) -> None:
         """Stop the loop; requests still open end with an error."""
         self._closing.set()

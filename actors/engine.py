@@ -146,6 +146,11 @@ class Engine(Checkpoint):
         """The scheduler's counters."""
         return self.loop.stats() if self.loop is not None else self.static.stats()
 
+    def alive(self) -> bool:
+        """Whether the scheduler can still answer: the continuous loop's thread runs (the static
+        scheduler starts its thread on demand, so it always can)."""
+        return self.loop is None or self.loop.alive()
+
     def close(self) -> None:
         if self.loop is not None:
             self.loop.close()

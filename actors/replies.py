@@ -37,9 +37,12 @@ async def started(stream: AsyncIterator[str]) -> AsyncIterator[str]:
     first = await stream.__anext__()
 
     async def rest() -> AsyncIterator[str]:
-        yield first
-        async for event in stream:
-            yield event
+        try:
+            yield first
+            async for event in stream:
+                yield event
+        finally:  # closed early (the client left): the stream's own cleanup runs now, not at collection
+            await stream.aclose()
 
     return rest()
 

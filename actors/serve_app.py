@@ -1,59 +1,63 @@
-"""The online endpoint: a Ray Serve deployment around the batch job's `Engine`, with an OpenAI API.
+"""The engine replicas of the online endpoint: a Ray Serve deployment around the batch job's `Engine`.
 
-Each replica owns one `Engine`. A request's key is checked, its body read under a deadline,
-then it is admitted; its text is parsed and tokenised in a thread (actors/chat.py) and its images
-fetched, decoded and tiled in a pool of preparation processes beside the model
-(`prepare_workers`), so neither holds the interpreter that steps the model. The engine answers it
-whole or streamed (actors/replies.py), the same way for both schedulers: the continuous one joins
-it to the running batch at the next token step, the static one gathers concurrent requests into
-batches of `generate`. A client that goes away cancels its request in the engine. A constrained
-answer's schema, regex or grammar is compiled in a thread under a time limit before the engine
-sees it (actors/structured.py).
+Each replica owns one `Engine`. The HTTP ingress in front (actors/ingress.py) checks the key,
+reads the body under its deadline and picks a replica by the image the request carries
+(actors/routing.py); the replica admits the request, parses and tokenises its text in a thread
+(actors/chat.py) and fetches, decodes and tiles its images in a pool of preparation processes
+beside the model (`prepare_workers`), so neither holds the interpreter that steps the model and
+no tile ever crosses the object store. The engine answers it whole or streamed
+(actors/replies.py), the same way for both schedulers. The ingress gives up a call when its
+client goes away, which cancels the request in the engine. A constrained answer's schema, regex
+or grammar is compiled in a thread under a time limit before the engine sees it
+(actors/structured.py).
 
-Admission is the replica's: past `max_ongoing_requests` running plus `max_queued_requests`
-waiting, a request gets an OpenAI-shaped 503 at once. Serve's own queue in front is unbounded,
-so no refusal ever comes as the proxy's plain text.
+`chat` is a stream of one head (status, headers, and the JSON body of a whole reply or a
+refusal) followed, for a live stream, by its server-sent events. Admission is the replica's:
+past `max_ongoing_requests` running plus `max_queued_requests` waiting, a request gets an
+OpenAI-shaped 503 at once. The health check asks the engine itself (actors/health.py): a loop
+that died or stalls with work fails it, so Serve replaces the replica, and its requests get a
+503 `engine_restarting` meanwhile.
 
 Use `build_app` from a Serve config file (`serve run actors/serve_config.yaml`), or
 `python -m jobs.serve` on one machine.
 """
 
-# No postponed annotations: FastAPI reads the route signatures at run time to find `Request`.
+from __future__ import annotations
+
 import asyncio
 import dataclasses
 import functools
-import hmac
 import json
 import logging
 import multiprocessing
+import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import ray
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve import metrics
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
+from ray.serve.config import RequestRouterConfig
 
 from actors import chat as chat_text
 from actors import openai_api as api
 from actors import replies, structured
 from actors.engine import Engine
+from actors.health import EngineWatch
 from actors.image_policy import ImagePolicy, Refusal, prepare_image
-from pipeline.config import ServeOptions
+from actors.ingress import Head, LlavaIngress, head_of
 from pipeline.preprocess import PreparedImage
 from pipeline.schemas import GenerationRequest, GenerationResult
+from pipeline.serve_options import ServeOptions
 
 # Serve's own logger: its lines land in the replica's log file, tagged with the request id.
 log = logging.getLogger("ray.serve")
 
 APP_NAME = "llava"
-RETRY_AFTER_S = 1
+ROUTER = "actors.routing:ImageAffinityRouter"
 
 
 @dataclass
@@ -74,11 +78,6 @@ def admission_bound(options: ServeOptions) -> int | None:
     return options.max_ongoing_requests + options.max_queued_requests
 
 
-def error_response(exc: api.ApiError) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
-
-
 def preparation_pool(workers: int) -> Executor:
     """Processes for image work (threads when `workers` is 0); started fresh, never forked from
     a process that runs model threads."""
@@ -87,20 +86,13 @@ def preparation_pool(workers: int) -> Executor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-app = FastAPI(title="LLaVA-NeXT", docs_url=None, redoc_url=None, openapi_url=None)
+def engine_restarting(reason: str) -> api.ApiError:
+    return api.ApiError(503, f"this replica's engine is being replaced ({reason}); retry shortly",
+                        "server_error", "engine_restarting")
 
 
-@app.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    """Unknown routes and methods answer in the OpenAI error shape too."""
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(api.ApiError(exc.status_code, str(exc.detail), "invalid_request_error", code))
-
-
-@serve.deployment
-@serve.ingress(app)
 class LlavaNextServer:
-    """One replica: the engine, the HTTP routes, admission, and image preparation beside the model."""
+    """One replica: the engine, admission, image preparation beside the model, and its health."""
 
     def __init__(self, options: ServeOptions):
         self.options = options
@@ -110,12 +102,15 @@ class LlavaNextServer:
             tuple(h.lower() for h in options.allow_image_hosts), options.fetch_timeout_s,
         )
         self.stats = ReplicaStats()
+        self.watch = EngineWatch(options.stall_s)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._pool = preparation_pool(options.prepare_workers)
         self._warm_pool()
         # Admission: up to max_ongoing_requests run, up to max_queued_requests more wait here, and
         # the rest get an OpenAI-shaped 503 at once.
         self._running = asyncio.Semaphore(options.max_ongoing_requests)
         self._admitted = 0
+        self._in_engine = 0  # requests handed to the engine and not yet answered (the health check's "work")
         # Parsing and tokenising grow with the body: never on the event loop.
         self._text_pool = ThreadPoolExecutor(2, thread_name_prefix="text")
         # Constraints compile here (and log-probabilities find their tokens' bytes): never on the
@@ -126,7 +121,8 @@ class LlavaNextServer:
             "llava_request_latency_ms", "End-to-end request latency in the replica.",
             boundaries=[10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000],
         )
-        log.info("replica ready (%s scheduler): %s", self.engine.scheduler, json.dumps(options.describe(), default=str))
+        log.info("replica %s ready (%s scheduler): %s", self.replica_id, self.engine.scheduler,
+                 json.dumps(options.describe(), default=str))
 
     def _warm_pool(self) -> None:
         """Start every preparation process now, not on the first requests."""
@@ -136,71 +132,101 @@ class LlavaNextServer:
         for f in futures:
             f.result()
 
-    # ---- routes -------------------------------------------------------------------------------
+    # ---- what the ingress calls ---------------------------------------------------------------
 
-    @app.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
+    def check_health(self) -> None:
+        """Serve's health check: fails while the engine's loop is dead or stalled with work."""
+        if (reason := self._sick()) is not None:
+            raise RuntimeError(reason)
 
-    @app.get("/v1/models")
-    async def models(self, request: Request) -> Response:
-        model = {"id": self.engine.model_name, "object": "model", "created": 0, "owned_by": "llava-next-ray"}
-        return self._json_if_authorized(request, lambda: {"object": "list", "data": [model]})
+    def health(self) -> str | None:
+        """Why this replica cannot answer now, or None (the ingress's `/health`)."""
+        return self._sick()
 
-    @app.get("/v1/stats")
-    async def replica_stats(self, request: Request) -> Response:
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def replica_stats(self) -> dict[str, Any]:
         """This replica's counts: the engine's loop (continuous) or its batches (static)."""
-        def body() -> dict[str, Any]:
-            return {"scheduler": self.engine.scheduler, "admitted": self._admitted,
-                    **dataclasses.asdict(self.stats), **self.engine.stats()}
+        return {"replica": self.replica_id, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()[:12],
+                "scheduler": self.engine.scheduler, "admitted": self._admitted,
+                **dataclasses.asdict(self.stats), **self.engine.stats()}
 
-        return self._json_if_authorized(request, body)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Response:
-        """Key, then the whole body under one deadline, then admission: a client that sends its body
-        slowly, or no key, never holds a slot another client could use (a full replica refuses at
-        once, before the body)."""
+    async def chat(self, raw: bytes, image_key: str | None = None) -> AsyncIterator[Head | str]:
+        """One chat request: a head, then a live stream's events. `image_key` is read by the router."""
         start = time.perf_counter()
-        try:
-            self._authorize(request)
-            self._check_room()  # a full replica says so at once, without reading the body
-            raw = await self._read_body(request)
-        except api.ApiError as exc:
-            return self._refuse(exc, start)
-        except (ClientDisconnect, asyncio.CancelledError) as exc:
-            # Serve's proxy either passes the disconnect on or cancels this call: either way, a cancel.
-            self._requests.inc(tags={"status": "cancelled"})
-            self.stats.outcome("cancelled")
-            log.info("the client left while sending its request body")
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return Response(status_code=499)
-        try:
-            self._check_room()
-        except api.ApiError as exc:
-            return self._refuse(exc, start)
+        if (reason := self._sick()) is not None:
+            yield self._refuse(engine_restarting(reason), start, quiet=True)
+            return
+        bound = admission_bound(self.options)
+        if bound is not None and self._admitted >= bound:
+            yield self._refuse(api.ApiError(503, f"the server is busy: {self._admitted} requests running or queued; "
+                                            "retry later", "server_error", "queue_full"), start)
+            return
         self._admitted += 1
-        handed_over = False
         try:
-            await self._running.acquire()
-            try:
-                response = await self._chat_completions(raw, start)
-                # A live stream keeps its slot until it ends (see `_stream_ended`).
-                handed_over = isinstance(response, StreamingResponse)
-                return response
-            finally:
-                if not handed_over:
-                    self._running.release()
+            async with self._running:
+                events = None
+                try:
+                    head, events = await self._start(raw, start)
+                    yield head
+                    if events is not None:
+                        async for event in events:
+                            yield event
+                finally:
+                    if events is not None:
+                        await events.aclose()
         finally:
-            if not handed_over:
-                self._admitted -= 1
+            self._admitted -= 1
+
+    # ---- one request --------------------------------------------------------------------------
+
+    def _sick(self) -> str | None:
+        in_flight = self._in_engine if self.engine.streams else 0
+        return self.watch.verdict(self.engine.alive(), self.engine.stats(), in_flight)
+
+    async def _start(self, raw: bytes, start: float) -> tuple[Head, AsyncIterator[str] | None]:
+        """The head of the reply and, for a live stream, the rest of its events."""
+        chat = None
+        try:
+            chat, generation = await self._generation(raw)
+            self._in_engine += 1
+            if chat.stream:
+                on_end = functools.partial(self._stream_ended, chat, start)
+                try:
+                    events = await replies.started(
+                        replies.stream(self.engine, chat, generation, self.options.stream_interval_ms / 1000, on_end))
+                except api.ApiError:  # refused before its stream began: `on_end` will not be called
+                    self._in_engine -= 1
+                    raise
+                return head_of(200, stream=True), events
+            try:
+                result = await replies.answer(self.engine, generation)
+            finally:
+                self._in_engine -= 1
+            if result.error is not None:
+                if not self.engine.alive():
+                    raise engine_restarting("its generation loop has stopped")
+                log.error("request %s failed in the engine: %s", chat.request_id, result.error)
+                raise api.engine_error(result.error, chat.request_id)
+            logprobs = None
+            if result.token_logprobs is not None:  # thousands of token lookups: not on the event loop
+                logprobs = await asyncio.get_running_loop().run_in_executor(
+                    self._answer_pool, structured.logprob_content, result.token_logprobs, self.engine.token_bytes)
+        except api.ApiError as exc:
+            return self._refuse(exc, start, quiet=exc.code == "engine_restarting"), None
+        except Exception:  # whatever goes wrong, this request fails alone and the replica lives
+            request_id = chat.request_id if chat is not None else "-"
+            log.exception("request %s failed", request_id)
+            self._observe(500, start)
+            return head_of(500, api.internal_error(request_id).body()), None
+        self._log_done(chat, result, start)
+        return head_of(200, api.completion_body(chat, self.engine.model_name, result, logprobs)), None
 
     def _stream_ended(self, chat: api.ChatRequest, start: float, result: GenerationResult | None,
                       error: api.ApiError | None) -> None:
-        """A streamed reply ended (or its client left): its admission slot is free."""
-        self._running.release()
-        self._admitted -= 1
+        """A streamed reply ended (or its client left)."""
+        self._in_engine -= 1
         if error is not None:
             log.error("request %s failed in the engine: %s", chat.request_id, result.error)
             self._observe(error.status, start)
@@ -211,17 +237,12 @@ class LlavaNextServer:
             self._observe(200, start)
             self._log_done(chat, result, start)
 
-    def _check_room(self) -> None:
-        """The OpenAI-shaped 503 when this replica already holds all the requests it takes."""
-        bound = admission_bound(self.options)
-        if bound is not None and self._admitted >= bound:
-            raise api.ApiError(503, f"the server is busy: {self._admitted} requests running or queued; retry later",
-                               "server_error", "queue_full")
-
-    def _refuse(self, exc: api.ApiError, start: float) -> JSONResponse:
+    def _refuse(self, exc: api.ApiError, start: float, quiet: bool = False) -> Head:
+        """The refusal's head; `quiet` for refusals whose cause was logged once already."""
         self._observe(exc.status, start)
-        log.info("request refused with %d: %s", exc.status, exc.message)
-        return error_response(exc)
+        if not quiet:
+            log.info("request refused with %d: %s", exc.status, exc.message)
+        return head_of(exc.status, exc.body())
 
     async def _generation(self, raw: bytes) -> tuple[api.ChatRequest, GenerationRequest]:
         """The engine request for a body: text work in a thread, images in the preparation pool
@@ -246,34 +267,6 @@ class LlavaNextServer:
         generation.params = chat_text.fit_lengths(chat, len(ids), self.engine.context, self.engine.kv_capacity_tokens())
         return chat, generation
 
-    async def _chat_completions(self, raw: bytes, start: float) -> Response:
-        chat = None
-        try:
-            chat, generation = await self._generation(raw)
-            if chat.stream:
-                on_end = functools.partial(self._stream_ended, chat, start)
-                events = replies.stream(self.engine, chat, generation, self.options.stream_interval_ms / 1000, on_end)
-                return StreamingResponse(await replies.started(events), media_type="text/event-stream")
-            result = await replies.answer(self.engine, generation)
-            if result.error is not None:
-                log.error("request %s failed in the engine: %s", chat.request_id, result.error)
-                raise api.engine_error(result.error, chat.request_id)
-            logprobs = None
-            if result.token_logprobs is not None:  # thousands of token lookups: not on the event loop
-                logprobs = await asyncio.get_running_loop().run_in_executor(
-                    self._answer_pool, structured.logprob_content, result.token_logprobs, self.engine.token_bytes)
-        except api.ApiError as exc:
-            return self._refuse(exc, start)
-        except Exception:  # whatever goes wrong, this request fails alone and the replica lives
-            request_id = chat.request_id if chat is not None else "-"
-            log.exception("request %s failed", request_id)
-            self._observe(500, start)
-            return error_response(api.internal_error(request_id))
-        self._log_done(chat, result, start)
-        return JSONResponse(api.completion_body(chat, self.engine.model_name, result, logprobs))
-
-    # ---- helpers ------------------------------------------------------------------------------
-
     async def _prepare(self, url: str) -> PreparedImage:
         """One image through the preparation pool; a refusal becomes the matching API error."""
         self.stats.images_prepared += 1
@@ -285,43 +278,6 @@ class LlavaNextServer:
         if isinstance(prepared, Refusal):
             raise api.ApiError(prepared.status, prepared.message, code=prepared.code)
         return prepared
-
-    def _json_if_authorized(self, request: Request, body: Callable[[], Any]) -> Response:
-        """A read-only route's JSON body, or the OpenAI-shaped 401 when the key is wrong."""
-        try:
-            self._authorize(request)
-        except api.ApiError as exc:
-            return error_response(exc)
-        return JSONResponse(body())
-
-    def _authorize(self, request: Request) -> None:
-        key = self.options.api_key
-        if key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise api.ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                               "authentication_error", "invalid_api_key")
-
-    async def _read_body(self, request: Request) -> bytes:
-        """The whole body, within the body limit and `body_timeout_s` for all of it."""
-        limit = self.options.max_body_bytes
-        too_large = api.ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large
-        chunks, size = [], 0
-        try:
-            async with asyncio.timeout(self.options.body_timeout_s):
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise too_large
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise api.ApiError(408, f"the request body did not arrive within {self.options.body_timeout_s:g} s",
-                               code="body_timeout") from None
-        return b"".join(chunks)
 
     def _log_done(self, chat: api.ChatRequest, result: GenerationResult, start: float) -> None:
         ms = self._observe(200, start) if not chat.stream else None
@@ -346,20 +302,45 @@ def gpus_for(options: ServeOptions) -> float:
     return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def application(options: ServeOptions) -> serve.Application:
-    """The bound application for `serve.run`, with the replica options applied.
+def application(options: ServeOptions, server_class: type | None = None) -> serve.Application:
+    """The bound application for `serve.run`: the HTTP ingress in front of the engine replicas.
 
     Serve's queue in front of the replicas is unbounded and each replica takes more requests
     than its own bound, so every request reaches a replica and any refusal is the replica's
-    OpenAI-shaped 503, never the proxy's plain text.
+    OpenAI-shaped 503, never the proxy's plain text. `server_class` replaces the engine
+    replica's class (the tests' fault injection).
     """
     bound = admission_bound(options)
-    return LlavaNextServer.options(
-        num_replicas=options.replicas,
-        max_ongoing_requests=2 * bound + 64 if bound is not None else options.max_ongoing_requests,
+    per_replica = 2 * bound + 64 if bound is not None else options.max_ongoing_requests
+    health_period, health_timeout = options.health_periods()
+    drain_loop, drain_timeout = options.drain_periods()
+    autoscaling = options.autoscaling_config()
+    engine = serve.deployment(server_class or LlavaNextServer).options(
+        name="LlavaNextServer",
+        num_replicas=None if autoscaling else options.replicas,
+        autoscaling_config=autoscaling,
+        max_ongoing_requests=per_replica,
         max_queued_requests=-1,
         ray_actor_options={"num_gpus": gpus_for(options), "num_cpus": 1 + options.prepare_workers},
+        health_check_period_s=health_period, health_check_timeout_s=health_timeout,
+        graceful_shutdown_wait_loop_s=drain_loop, graceful_shutdown_timeout_s=drain_timeout,
+        request_router_config=RequestRouterConfig(
+            request_router_class=ROUTER,
+            request_router_kwargs={"overload": options.autoscaling_target, "by_image": options.routing == "image"},
+        ),
     ).bind(options)
+    if autoscaling:
+        log.info("autoscaling %d-%d engine replicas on ongoing requests: target %d per replica, upscale after "
+                 "%g s, downscale after %g s", options.replicas, options.max_replicas, options.autoscaling_target,
+                 options.upscale_delay_s, options.downscale_delay_s)
+    most = options.max_replicas or options.replicas
+    return LlavaIngress.options(
+        num_replicas=options.ingress_replicas,
+        max_ongoing_requests=per_replica * most,
+        max_queued_requests=-1,
+        ray_actor_options={"num_cpus": 0.1},
+        graceful_shutdown_wait_loop_s=drain_loop, graceful_shutdown_timeout_s=drain_timeout,
+    ).bind(engine, options)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -1,10 +1,11 @@
 """Serve LLaVA-NeXT over an OpenAI-compatible HTTP API until interrupted.
 
-Usage: python -m jobs.serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--replicas N]
+Usage: python -m jobs.serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--replicas N|MIN-MAX]
        [--scheduler continuous|static] [--api-key KEY] [--allow-s3-prefix s3://b/p/] ...
 
 Starts (or joins, with RAY_ADDRESS) a Ray cluster, runs the application of `actors.serve_app`
-and shuts Serve down on Ctrl-C or SIGTERM. For a long-lived cluster deployment use
+and on Ctrl-C or SIGTERM drains it (no new requests; those in flight finish within --drain-s)
+before shutting Serve down. For a long-lived cluster deployment use
 `serve deploy actors/serve_config.yaml` instead.
 """
 
@@ -22,10 +23,10 @@ from pipeline.config import (
     ENGINE_FLAGS,
     ConfigError,
     EngineConfig,
-    ServeOptions,
     add_engine_arguments,
     engine_config_from,
 )
+from pipeline.serve_options import ServeOptions, parse_replicas
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     add_engine_arguments(p.add_argument_group("engine"))
     r = p.add_argument_group("replicas and admission")
-    r.add_argument("--replicas", type=int, default=d.replicas)
+    r.add_argument("--replicas", type=parse_replicas, default=(d.replicas, None), metavar="N|MIN-MAX",
+                   help="engine replicas: a fixed N, or MIN-MAX to autoscale on ongoing requests (target per replica: "
+                        "3/4 of --max-running-requests)")
+    r.add_argument("--upscale-delay-s", type=float, default=d.upscale_delay_s,
+                   help="seconds of load over the target before a replica is added")
+    r.add_argument("--downscale-delay-s", type=float, default=d.downscale_delay_s,
+                   help="seconds of load under the target before a replica is removed")
+    r.add_argument("--drain-s", type=float, default=d.drain_s,
+                   help="a replica going away (downscale, redeploy, SIGTERM) takes no new requests and finishes "
+                        f"those in flight for up to this long (default: {d.drain_s:g})")
+    r.add_argument("--stall-s", type=float, default=d.stall_s,
+                   help="a replica whose engine has work but made no step for this long fails its health check "
+                        f"and is replaced (default: {d.stall_s:g})")
+    r.add_argument("--routing", choices=("image", "default"), default=d.routing,
+                   help="image: a request goes to the replica that already holds its image, unless that one is "
+                        "overloaded; default: Serve's choice (the shorter queue of two random replicas)")
+    r.add_argument("--ingress-replicas", type=int, default=d.ingress_replicas,
+                   help="replicas of the HTTP front that reads bodies and routes them")
     r.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 when the cluster has GPUs, else 0")
     r.add_argument("--max-ongoing-requests", type=int, default=d.max_ongoing_requests, help="per replica")
     r.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
@@ -89,9 +107,23 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         values.pop(name)
     for name in ("host", "port"):
         values.pop(name)
+    values["replicas"], values["max_replicas"] = values["replicas"]
     values["allow_s3_prefixes"] = tuple(values["allow_s3_prefixes"])
     values["allow_image_hosts"] = tuple(values["allow_image_hosts"])
     return ServeOptions(engine=engine, **values)
+
+
+def drain(app: str) -> None:
+    """Delete the application while the proxy still runs: its replicas take no new requests and
+    finish those in flight (each for up to `drain_s`), and their streams reach the clients."""
+    from ray import serve
+
+    for signum in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the drain short
+        signal.signal(signum, signal.SIG_IGN)
+    try:
+        serve.delete(app, _blocking=True)
+    except Exception:  # the application never started, or Serve is gone already: nothing to drain
+        log.warning("nothing to drain", exc_info=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,8 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     log.info("serve options: %s", json.dumps(options.describe()))
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
-    else:  # a local instance: enough logical CPUs for every replica and its preparation processes
-        ray.init(num_cpus=max(os.cpu_count() or 1, options.replicas * (1 + options.prepare_workers)))
+    else:  # a new local instance: enough logical CPUs for every replica and its preparation processes
+        most = options.max_replicas or options.replicas
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, most * (1 + options.prepare_workers) + 1))
     # Installed after ray.init, which sets its own: SIGTERM (from `kill` or a job runner) and a
     # SIGINT that a background launch left ignored both take the clean path of Ctrl-C.
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -126,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
-        log.info("interrupted; shutting down")
+        log.info("interrupted; draining: new requests are refused, those in flight get up to %g s", options.drain_s)
     finally:
+        drain(APP_NAME)
         serve.shutdown()
         ray.shutdown()
     print(f"served {options.model} at http://{host}:{port}/v1 for {time.monotonic() - started:.0f} s; stopped cleanly")

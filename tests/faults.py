@@ -36,9 +36,36 @@ def poisoned_server(token_ids: list[int]):
     """The endpoint's replica class, its engine failing every step that carries `token_ids`."""
     from actors.serve_app import LlavaNextServer
 
-    class PoisonedServer(LlavaNextServer.func_or_class):
-        async def __init__(self, options):  # an ingress class's constructor is a coroutine
-            await super().__init__(options)
+    class PoisonedServer(LlavaNextServer):
+        def __init__(self, options):
+            super().__init__(options)
             fail_steps(self.engine, carrying(token_ids))
 
     return PoisonedServer
+
+
+def hang_steps_once(engine, token_ids: list[int], marker: str) -> None:
+    """Make the first step that carries `token_ids` in any process hang for good (a stuck kernel);
+    the process that hangs creates `marker`, so a replacement replica steps normally."""
+    import os
+    import threading
+
+    def should_fail(ids: torch.Tensor) -> Exception | None:
+        if carrying(token_ids)(ids) is not None and not os.path.exists(marker):
+            open(marker, "w").close()
+            threading.Event().wait()
+        return None
+
+    fail_steps(engine, should_fail)
+
+
+def hanging_server(token_ids: list[int], marker: str):
+    """The endpoint's replica class whose engine loop hangs on the first step carrying `token_ids`."""
+    from actors.serve_app import LlavaNextServer
+
+    class HangingServer(LlavaNextServer):
+        def __init__(self, options):
+            super().__init__(options)
+            hang_steps_once(self.engine, token_ids, marker)
+
+    return HangingServer

@@ -56,7 +56,7 @@ def base(ray_local, tiny_model, poison_ids):
     from ray import serve
 
     from actors.serve_app import application
-    from pipeline.config import ServeOptions
+    from pipeline.serve_options import ServeOptions
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -65,9 +65,7 @@ def base(ray_local, tiny_model, poison_ids):
                                    "allow_image_hosts": "127.0.0.1"})
     serve.run(application(live), name="live", route_prefix="/")
     poisoned = ServeOptions.from_args({**common, "prepare_workers": 0, "stream_interval_ms": INTERVAL_MS})
-    deployment = serve.deployment(poisoned_server(poison_ids))
-    serve.run(deployment.options(ray_actor_options={"num_cpus": 1}).bind(poisoned), name="poisoned",
-              route_prefix="/poisoned")
+    serve.run(application(poisoned, poisoned_server(poison_ids)), name="poisoned", route_prefix="/poisoned")
     static = ServeOptions.from_args({**common, "prepare_workers": 0, "scheduler": "static"})
     serve.run(application(static), name="static", route_prefix="/static")
     yield f"http://127.0.0.1:{port}"

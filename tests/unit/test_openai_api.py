@@ -10,7 +10,7 @@ import pytest
 
 from actors import openai_api as api
 from actors import structured
-from pipeline.config import ConfigError, Constraint, EngineConfig, ServeOptions
+from pipeline.config import Constraint
 from tests.helpers import encode, noise_image
 
 PNG = encode(noise_image(8, 8))
@@ -155,41 +155,12 @@ def test_sse_events_follow_the_chunk_format():
     assert chunks[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
 
 
-def test_serve_options_from_config_strings():
-    opts = ServeOptions.from_args({
-        "model": "m", "replicas": "2", "allow_remote_images": "true", "gpus_per_replica": "none",
-        "quantization": "none", "attn": "eager", "scheduler": "static", "allow_s3_prefixes": "s3://a/b/, s3://c/",
-        "kv_cache_mb": "64",
-    })
-    assert (opts.replicas, opts.allow_remote_images, opts.gpus_per_replica) == (2, True, None)
-    assert opts.engine == EngineConfig(model="m", attn_implementation="eager", scheduler="static", kv_cache_mb=64.0)
-    assert opts.allow_s3_prefixes == ("s3://a/b/", "s3://c/") and opts.model == "m"
-    assert opts.describe()["api_key"] is None
-    assert ServeOptions(engine=EngineConfig(model="m"), api_key="k").describe()["api_key"] == "***"
-    for bad in ({"model": "m", "colour": "red"}, {"model": "m", "max_batch_size": "0"}, {"model": "m", "top": "1"},
-                {"model": "m", "allow_s3_prefixes": "bucket/x"}, {"model": "m", "max_images_per_request": "0"}):
-        with pytest.raises(ConfigError):
-            ServeOptions.from_args(bad)
-    with pytest.raises(ConfigError):
-        ServeOptions(engine=EngineConfig(model="m"), api_key="")
-
-
 def test_too_many_images_is_a_400():
     body = {"messages": [user(*[image()] * 3, text("Compare."))]}
     assert len(api.parse_chat_request(body, 16, max_images=3).image_urls) == 3
     with pytest.raises(api.ApiError) as info:
         api.parse_chat_request(body, 16, max_images=2)
     assert (info.value.status, info.value.code) == (400, "too_many_images")
-
-
-def test_the_shipped_serve_config_is_valid_options():
-    import yaml
-
-    from pathlib import Path
-
-    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "actors" / "serve_config.yaml").read_text())
-    options = ServeOptions.from_args(config["applications"][0]["args"])
-    assert options.engine.scheduler == "continuous" and options.allow_s3_prefixes == ()
 
 
 # ---- constrained answers and log-probabilities ----------------------------------------------
