@@ -181,9 +181,13 @@ class LlavaIngress:
                 reply.cancel()
                 log.warning("an engine replica failed before answering (%s)%s", type(exc).__name__,
                             "; retrying on another" if attempt == 1 else "; giving up")
-            except BaseException:
-                reply.cancel()  # the client left (the call is cancelled) or the call broke: stop it there too
+            except asyncio.CancelledError:
+                reply.cancel()  # the client left: stop the request in the engine too
                 raise
+            except Exception:  # a failure of ours: this request fails alone, with one log entry
+                reply.cancel()
+                log.exception("the call to an engine replica failed")
+                raise api.internal_error("-") from None
         raise replica_failed("before answering")
 
     async def _relay(self, reply: DeploymentResponseGenerator) -> AsyncIterator[str]:
@@ -200,6 +204,12 @@ class LlavaIngress:
                         type(exc).__name__)
             yield f"data: {json.dumps(replica_failed('mid-stream').body())}\n\n"
             yield "data: [DONE]\n\n"
+        except Exception:  # a failure of ours mid-stream: the stream still ends the OpenAI way
+            finished = True
+            self._count("500")
+            log.exception("a stream from an engine replica failed")
+            yield f"data: {json.dumps(api.internal_error('-').body())}\n\n"
+            yield "data: [DONE]\n\n"
         finally:
             if not finished:  # the client left: cancel the request in the engine
                 reply.cancel()
@@ -207,8 +217,11 @@ class LlavaIngress:
     async def _each_replica_stats(self) -> list[dict[str, Any]]:
         """Each live engine replica's counters (Serve's broadcast; before the handle has seen its
         replicas, one plain call, which waits for them)."""
-        replies = await self.engine.broadcast("replica_stats").results_async(
-            timeout_s=CALL_TIMEOUT_S, return_exceptions=True)
+        try:
+            replies = await self.engine.broadcast("replica_stats").results_async(
+                timeout_s=CALL_TIMEOUT_S, return_exceptions=True)
+        except TimeoutError:
+            replies = []
         found = [s for s in replies if isinstance(s, dict)]
         return found or [await self._call(self.engine.replica_stats.remote())]
 

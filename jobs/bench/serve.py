@@ -27,7 +27,16 @@ from pathlib import Path
 import torch
 
 from actors.engine import Engine
-from jobs.bench.common import Plot, SuiteResult, Target, local_ray, median, percentile
+from jobs.bench import serve_replicas
+from jobs.bench.common import (
+    Plot,
+    SuiteResult,
+    Table,
+    Target,
+    local_ray,
+    median,
+    percentile,
+)
 from jobs.bench.images import photo_jpeg
 from jobs.make_tiny_model import make_tiny_model
 from pipeline.config import EngineConfig, SamplingParams
@@ -127,6 +136,38 @@ def direct(model: str, images: list[bytes], max_tokens: int, in_flight: int, req
             "p50_ms": 1000 * median(latencies), "p99_ms": 1000 * percentile(latencies, 99)}
 
 
+def replica_ratios(runs: dict[str, dict]) -> dict[str, float]:
+    """Two replicas over one, and image-aware routing over Serve's default choice."""
+    routed, default = runs["2 replicas, image-aware"], runs["2 replicas, default"]
+
+    def share(run: dict, part: str, whole: str) -> float:
+        return run[part] / max(1, run[whole])
+
+    ratios = {
+        "ratio_encodings_run_per_requested_routed_over_default":
+            share(routed, "encodings_run", "encodings_requested") / share(default, "encodings_run", "encodings_requested"),
+        "ratio_prefill_computed_per_submitted_routed_over_default":
+            share(routed, "prefill_computed", "prefill_submitted") / share(default, "prefill_computed", "prefill_submitted"),
+        "speedup_rps_routed_over_default_2_replicas": routed["rps"] / default["rps"],
+    }
+    if "1 replica" in runs:
+        ratios["speedup_rps_2_replicas_over_1"] = routed["rps"] / runs["1 replica"]["rps"]
+        ratios["ratio_ttft_p50_2_replicas_over_1"] = routed["ttft_p50_ms"] / runs["1 replica"]["ttft_p50_ms"]
+    return ratios
+
+
+def replica_table(replicas: dict) -> Table:
+    rows = [[name, r["clients"], r["requests"], r["rps"], r["ttft_p50_ms"], r["ttft_p99_ms"], r["p50_ms"],
+             f"{r['encodings_run']} / {r['encodings_requested']}", f"{r['prefill_computed']} / {r['prefill_submitted']}",
+             " ".join(str(x["requests"]) for x in r["replicas"])]
+            for name, r in replicas["runs"].items()]
+    header = ["engine replicas, routing", "clients", "requests", "requests/s", "TTFT p50 ms", "TTFT p99 ms", "p50 ms",
+              "image encodings run / requested", "prompt tokens prefilled / submitted", "requests per replica"]
+    title = (f"Replicas on a {replicas['nodes']}-node local cluster: {replicas['clients']} clients, conversations of "
+             f"{replicas['turns']} turns about one image each")
+    return Table(title, header, rows)
+
+
 def run(quick: bool) -> SuiteResult:
     from ray import serve
 
@@ -168,6 +209,7 @@ def run(quick: bool) -> SuiteResult:
             sixteen = direct(model, images, max_tokens, 16, 32 * per_client if not quick else 16)
         finally:
             torch.set_num_threads(threads)
+    replicas = serve_replicas.run_apart(quick)
     overhead_ms = levels[1]["p50_ms"] - one["p50_ms"]
     ratios = {
         "ratio_endpoint_rps_over_direct_at_16": levels[16]["rps"] / sixteen["rps"],
@@ -176,6 +218,7 @@ def run(quick: bool) -> SuiteResult:
         "ratio_endpoint_p50_over_direct": levels[1]["p50_ms"] / one["p50_ms"],
         "speedup_rps_process_pool_over_threads_at_16": levels[16]["rps"] / threads_16["rps"],
     }
+    ratios.update(replica_ratios(replicas["runs"]))
     if big:
         ratios["speedup_rps_process_pool_over_threads_at_16_big"] = big["pool"]["rps"] / big["threads"]["rps"]
         ratios["ratio_ttft_p50_process_pool_over_threads_at_16_big"] = (
@@ -201,7 +244,8 @@ def run(quick: bool) -> SuiteResult:
             Target("endpoint overhead over a direct engine call, p50 ms", overhead_ms, 15.0, False),
             Target("TTFT p50 at 16 clients / 1 client", ratios["ratio_ttft_p50_16_over_1_client"], 3.0, False),
         ],
-        raw={"levels": levels, "threads_16": threads_16, "big_images_16": big, "direct_1": one, "direct_16": sixteen, "overhead_p50_ms": overhead_ms,
+        tables=[replica_table(replicas)],
+        raw={"replicas": replicas, "levels": levels, "threads_16": threads_16, "big_images_16": big, "direct_1": one, "direct_16": sixteen, "overhead_p50_ms": overhead_ms,
              "max_tokens": max_tokens, "image_size": IMAGE_SIZE, "distinct_images": DISTINCT_IMAGES},
         notes=[
             f"Each request: one of {DISTINCT_IMAGES} {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEGs as a data URL, {max_tokens} "

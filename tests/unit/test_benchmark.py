@@ -72,6 +72,12 @@ def test_ray_suites(suite, tmp_path, ray_local):
     report = _run(suite, tmp_path)
     _assert_ratios(report)
     assert ray_local.is_initialized()  # the suite used the session's Ray and left it running
+    if suite == "serve":  # its multi-node part: image-aware routing encodes each conversation's image once
+        replicas = report["raw"]["replicas"]
+        routed = replicas["runs"]["2 replicas, image-aware"]
+        assert routed["encodings_run"] == replicas["clients"] * replicas["conversations_per_client"]
+        assert routed["requests"] == routed["encodings_requested"] == 4 * routed["encodings_run"]
+        assert "#### Replicas on a 3-node local cluster" in (tmp_path / "serve.md").read_text()
 
 
 def test_gpu_suite_runs_or_says_why_not(tmp_path):
