@@ -122,6 +122,31 @@ def spec_tensors(spec: AnyresSpec, device: torch.device) -> tuple[torch.Tensor, 
             torch.tensor(spec.image_std, device=device).view(1, 3, 1, 1))
 
 
+def drop_unused_vision_layers(model: LlavaNextForConditionalGeneration) -> int:
+    """Cut the vision tower after the deepest layer whose output the projector reads; returns the
+    layers dropped.
+
+    LLaVA-NeXT reads a middle layer (`vision_feature_layer`, -2 in every llava-hf checkpoint), but
+    the tower still runs every layer after it for nothing: one of CLIP-L's 24 layers, one of the
+    bench checkpoint's 4. vLLM builds the tower only up to that layer; we drop the rest at load.
+    The feature layer becomes the same layer counted from the start, so the static scheduler's
+    `generate` and the continuous loop read exactly the tensor they read before.
+    """
+    config = model.config
+    tower = model.model.vision_tower
+    encoder = getattr(tower, "vision_model", tower).encoder
+    total = len(encoder.layers)
+    wanted = config.vision_feature_layer
+    layers = [wanted] if isinstance(wanted, int) else list(wanted)
+    absolute = [i if i >= 0 else total + 1 + i for i in layers]  # hidden_states[0] is the embeddings
+    keep = max(absolute)
+    if not 0 <= keep <= total or any(i < 0 for i in absolute):
+        return 0
+    encoder.layers = encoder.layers[:keep]
+    config.vision_feature_layer = absolute[0] if isinstance(wanted, int) else absolute
+    return total - keep
+
+
 class Checkpoint:
     """A loaded checkpoint: processor, tokenizer and model, with the tokenising and image encoding
     both schedulers use."""
@@ -137,6 +162,9 @@ class Checkpoint:
         self.model = LlavaNextForConditionalGeneration.from_pretrained(cfg.model, **kwargs).eval()
         if "device_map" not in kwargs:
             self.model.to(self.device)
+        dropped = drop_unused_vision_layers(self.model)
+        if dropped:
+            log.info("vision tower: %d layer(s) after the feature layer dropped", dropped)
         self.dtype = kwargs["dtype"]
         self.image_token_id = self.model.config.image_token_id
         self.context = int(self.model.config.text_config.max_position_embeddings)

@@ -305,8 +305,11 @@ def test_the_memory_plan_a_gpu_gets(monkeypatch):
 
 def test_the_gpu_settings_give_the_same_tokens_on_cpu(tiny_model, engine, monkeypatch):
     """What only a GPU would run: KV slots sized from free memory, 8,192 tokens a step (every
-    prompt of the zoo in one step with the decode rows), forced here on CPU."""
-    from actors import continuous
+    prompt of the zoo in one step with the decode rows), decode rows through `sdpa` (a CPU runs
+    `unfused_decode`), forced here on CPU."""
+    from actors import attention, continuous
+
+    monkeypatch.setattr(attention, "fused_decode", lambda device: True)
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 * 2**20, 128 * 2**20))
     real_plan = continuous.memory_plan

@@ -177,3 +177,29 @@ def test_quantized_checkpoint_loads_and_answers(tiny_model, quantization, layer)
     quantized.close()
     assert result.error is None and result.num_output_tokens > 0 and isinstance(result.response, str)
     assert result.token_ids == static.generate([request])[0].token_ids
+
+
+def test_the_vision_layers_after_the_feature_layer_are_dropped_and_features_stay_equal(tiny_model, any_engine):
+    """The tower runs only up to the layer the projector reads (-2: every layer but the last), and
+    an image's features are the very tensor an untouched checkpoint computes."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    untouched = LlavaNextForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    full = len(untouched.model.vision_tower.encoder.layers)
+    assert untouched.config.vision_feature_layer == -2
+    assert len(any_engine.model.model.vision_tower.encoder.layers) == full - 1
+    assert any_engine.model.config.vision_feature_layer == full - 1  # the same layer, counted from the start
+    prepared = prepare(encode(noise_image(300, 80, seed=3)), any_engine.spec)
+    ours = any_engine.encode_images([prepared.tiles], [prepared.size])[0]
+    with torch.inference_mode():
+        theirs = untouched.model.get_image_features(
+            any_engine.pixel_batch([prepared.tiles]), torch.tensor([list(prepared.size)]),
+            vision_feature_layer=-2, vision_feature_select_strategy=untouched.config.vision_feature_select_strategy,
+        ).pooler_output[0]
+    assert torch.equal(ours, theirs)
+    # A list of layers keeps the deepest; an index past the tower drops nothing.
+    twice = LlavaNextForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32)
+    twice.config.vision_feature_layer = [-3, -2]
+    assert engine_mod.drop_unused_vision_layers(twice) == 1 and twice.config.vision_feature_layer == [full - 2, full - 1]
+    twice.config.vision_feature_layer = full + 5
+    assert engine_mod.drop_unused_vision_layers(twice) == 0
