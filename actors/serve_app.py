@@ -45,6 +45,7 @@ from actors import openai_api as api
 from actors import replies, structured
 from actors.engine import Engine
 from actors.image_policy import ImagePolicy, Refusal, prepare_image
+from actors.metrics import EngineMetrics
 from pipeline.config import ServeOptions
 from pipeline.preprocess import PreparedImage
 from pipeline.schemas import GenerationRequest, GenerationResult
@@ -126,6 +127,7 @@ class LlavaNextServer:
             "llava_request_latency_ms", "End-to-end request latency in the replica.",
             boundaries=[10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000],
         )
+        self.engine_metrics = EngineMetrics(self.engine).start()
         log.info("replica ready (%s scheduler): %s", self.engine.scheduler, json.dumps(options.describe(), default=str))
 
     def _warm_pool(self) -> None:
@@ -325,6 +327,7 @@ class LlavaNextServer:
 
     def _log_done(self, chat: api.ChatRequest, result: GenerationResult, start: float) -> None:
         ms = self._observe(200, start) if not chat.stream else None
+        self.engine_metrics.request_done(result)
         log.info(
             "request %s: %d image(s), %d prompt + %d completion tokens, finish %s, first token %.0f ms, %s ms",
             chat.request_id, len(chat.image_urls), result.num_input_tokens, result.num_output_tokens,
