@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from actors import structured
 from pipeline.config import MAX_TOP_LOGPROBS, Constraint, SamplingParams
@@ -291,14 +292,23 @@ def text_deltas(response: str, token_ids: list[int], decode: Callable[[list[int]
 
 
 class Chunks:
-    """Server-sent events of one streamed reply, in the `chat.completion.chunk` format."""
+    """Server-sent events of one streamed reply, in the `chat.completion.chunk` format.
+
+    The role goes out with the first piece of text (or with the finish of an empty answer), never
+    ahead of it as an event of its own: a client times its first token from the first event, and
+    an event sent at admission would time nothing but the queue (vLLM's server does the same).
+    """
 
     def __init__(self, request: ChatRequest, model: str):
         self.request = request
         self.model = model
         self.created = int(time.time())
+        self.role_sent = False
 
     def _event(self, delta: dict, finish_reason: str | None, logprobs: list[dict] | None = None) -> str:
+        if not self.role_sent:
+            delta = {"role": "assistant", **delta}
+            self.role_sent = True
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason,
                   "logprobs": {"content": logprobs} if logprobs is not None else None}
         body = {
@@ -310,16 +320,13 @@ class Chunks:
         }
         return f"data: {json.dumps(body)}\n\n"
 
-    def role(self) -> str:
-        return self._event({"role": "assistant", "content": ""}, None)
-
     def content(self, text: str, logprobs: list[dict] | None = None) -> str:
         """A piece of the answer, with the log-probabilities of the tokens made since the last piece."""
         return self._event({"content": text}, None, logprobs)
 
     def end(self, result: GenerationResult) -> list[str]:
         """The finishing chunk, the usage chunk when asked for, and [DONE]."""
-        events = [self._event({}, result.finish_reason)]
+        events = [self._event({"content": ""} if not self.role_sent else {}, result.finish_reason)]
         if self.request.include_usage:
             body = {"id": self.request.request_id, "object": "chat.completion.chunk", "created": self.created,
                     "model": self.model, "choices": [], "usage": usage(result)}
@@ -331,7 +338,7 @@ def sse_events(request: ChatRequest, model: str, result: GenerationResult,
                deltas: list[tuple[str, int]]) -> list[str]:
     """Server-sent events for a finished answer (the static scheduler's streamed replies)."""
     chunks = Chunks(request, model)
-    return [chunks.role(), *(chunks.content(piece) for piece, _ in deltas), *chunks.end(result)]
+    return [*(chunks.content(piece) for piece, _ in deltas), *chunks.end(result)]
 
 
 def internal_error(request_id: str) -> ApiError:

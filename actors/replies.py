@@ -8,6 +8,11 @@ log-probability goes out with the first piece of text released once the token is
 may carry tokens whose text is still held back), so over a stream each token's comes exactly once
 and they are the plain reply's. A client that goes away closes the stream, which cancels the
 request in the engine.
+
+Nothing goes to the client before the first piece of text, which carries the role: a client's
+time to first token is the model's, not the admission's. A long silence (a long prefill, a full
+engine) is filled with an SSE comment every `keepalive_s`, which clients skip, so proxies and
+load balancers do not close an idle connection.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from actors import openai_api as api
 from actors import structured
 from pipeline.schemas import GenerationRequest, GenerationResult
 
+KEEPALIVE = ": keep-alive\n\n"
+KEEPALIVE_S = 15.0
+_SILENCE = object()  # no update within the keep-alive interval
+
 
 async def answer(engine: Any, generation: GenerationRequest) -> GenerationResult:
     """The whole answer; a client that leaves (the task is cancelled) cancels it in the engine."""
@@ -32,13 +41,15 @@ async def answer(engine: Any, generation: GenerationRequest) -> GenerationResult
 
 
 async def started(stream: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Run a stream to its first event now, so a request the engine refuses at once is an error
-    reply rather than a stream, and a started stream owns its request from here on."""
+    """Run a stream to its first item now, so a request the engine refuses at once is an error
+    reply rather than a stream, and a started stream owns its request from here on. `stream`'s
+    first item is empty (the engine has the request) and is not sent."""
     first = await stream.__anext__()
 
     async def rest() -> AsyncIterator[str]:
         try:
-            yield first
+            if first:
+                yield first
             async for event in stream:
                 yield event
         finally:  # closed early (the client left): the stream's own cleanup runs now, not at collection
@@ -47,11 +58,26 @@ async def started(stream: AsyncIterator[str]) -> AsyncIterator[str]:
     return rest()
 
 
+async def _next_update(updates: asyncio.Queue, keepalive_s: float) -> Any:
+    """The next update, or `_SILENCE` when none came within `keepalive_s` (one waiting already is
+    taken at once, so a zero interval never starves the stream). A timer, not a task per token; a
+    `get` cut short by it leaves its item in the queue."""
+    if not updates.empty():
+        return updates.get_nowait()
+    try:
+        async with asyncio.timeout(keepalive_s):
+            return await updates.get()
+    except TimeoutError:
+        return _SILENCE
+
+
 async def stream(engine: Any, chat: api.ChatRequest, generation: GenerationRequest, interval_s: float,
-                 on_end: Callable[[GenerationResult | None, api.ApiError | None], None]) -> AsyncIterator[str]:
-    """Server-sent events of one reply. `on_end(result, error)` is called once when the stream
-    ends (result and error both None when the client left first); pieces go out at least
-    `interval_s` apart, those made meanwhile together."""
+                 on_end: Callable[[GenerationResult | None, api.ApiError | None], None],
+                 keepalive_s: float = KEEPALIVE_S) -> AsyncIterator[str]:
+    """Server-sent events of one reply, after an empty first item (see `started`). `on_end(result,
+    error)` is called once when the stream ends (result and error both None when the client left
+    first); pieces go out at least `interval_s` apart, those made meanwhile together, and a
+    keep-alive comment after every `keepalive_s` in which the engine reported nothing."""
     loop = asyncio.get_running_loop()
     updates: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
     logprobs = generation.params.logprobs is not None
@@ -70,9 +96,12 @@ async def stream(engine: Any, chat: api.ChatRequest, generation: GenerationReque
     chunks = api.Chunks(chat, engine.model_name)
     sent, given, result, error = "", 0, None, None  # given: tokens whose log-probabilities went out
     try:
-        yield chunks.role()
+        yield ""
         last = -interval_s
-        while (update := await updates.get()) is not None:
+        while (update := await _next_update(updates, keepalive_s)) is not None:
+            if update is _SILENCE:
+                yield KEEPALIVE
+                continue
             if (wait := last + interval_s - loop.time()) > 0:
                 await asyncio.sleep(wait)
             while update is not None and not updates.empty():  # pieces that piled up go out as one

@@ -360,4 +360,6 @@ class Scheduler:
             waiting_on_prefill=sum(1 for r in waiting if r.prefix is not None and r.prefix in self.computing),
             prefixes_stored=len(self.stored), prefix_tokens_stored=sum(self.stored.values()),
         )
+        # The slots' KV positions in use and in all (stored prefixes apart), for the replica's gauges.
+        out.update(kv_tokens_used=sum(r.filled for r in self.running), kv_tokens_total=self.slots * self.slot_tokens)
         return out

@@ -49,6 +49,7 @@ from actors.engine import Engine
 from actors.health import EngineWatch
 from actors.image_policy import ImagePolicy, Refusal, prepare_image
 from actors.ingress import Head, LlavaIngress, head_of
+from actors.metrics import EngineMetrics
 from pipeline.preprocess import PreparedImage
 from pipeline.schemas import GenerationRequest, GenerationResult
 from pipeline.serve_options import ServeOptions
@@ -121,6 +122,7 @@ class LlavaNextServer:
             "llava_request_latency_ms", "End-to-end request latency in the replica.",
             boundaries=[10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000],
         )
+        self.engine_metrics = EngineMetrics(self.engine).start()
         log.info("replica %s ready (%s scheduler): %s", self.replica_id, self.engine.scheduler,
                  json.dumps(options.describe(), default=str))
 
@@ -281,6 +283,7 @@ class LlavaNextServer:
 
     def _log_done(self, chat: api.ChatRequest, result: GenerationResult, start: float) -> None:
         ms = self._observe(200, start) if not chat.stream else None
+        self.engine_metrics.request_done(result)
         log.info(
             "request %s: %d image(s), %d prompt + %d completion tokens, finish %s, first token %.0f ms, %s ms",
             chat.request_id, len(chat.image_urls), result.num_input_tokens, result.num_output_tokens,
