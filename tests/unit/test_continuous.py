@@ -262,7 +262,10 @@ def test_a_small_image_cache_evicts_and_answers_stay_right(tiny_model, engine):
     small = Engine(EngineConfig(model=tiny_model, max_new_tokens=8, page_size=16, image_cache_mb=0.05))
     try:
         rows = [[encode(noise_image(*GRID_SIZES[k % 4], seed=40 + k))] for k in range(8)]
-        got = small.generate([_request(small, imgs, "What is it?") for imgs in rows])
+        # Two waves: features the running requests need are never evicted, and all eight may be
+        # admitted in one step, so only a second wave must make room by evicting the first's.
+        got = [g for wave in (rows[:4], rows[4:]) for g in small.generate([_request(small, imgs, "What is it?")
+                                                                          for imgs in wave])]
         want = engine.generate([_request(engine, imgs, "What is it?", SamplingParams(max_new_tokens=8)) for imgs in rows])
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
         assert small.stats()["image_cache_evictions"] > 0
