@@ -98,13 +98,25 @@ def complete_parquet_files(folder) -> list:
     return complete
 
 
+def loopback_server(handler: type):
+    """A threading HTTP server on a free loopback port, serving `handler` in a daemon thread.
+
+    Returns the server (its port is `server.server_port`); stop it with `server.shutdown()`.
+    """
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def serve_image(payload: bytes):
     """A loopback HTTP server: /img.png answers `payload`, /to?u=URL redirects to URL, else 404.
 
     Returns the server (its port is `server.server_port`); stop it with `server.shutdown()`.
     """
     import http.server
-    import threading
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -125,9 +137,7 @@ def serve_image(payload: bytes):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return loopback_server(Handler)
 
 
 def kill_after_first_file(args: list[str], out, log_path, sig: int | None = None) -> int:

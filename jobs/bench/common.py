@@ -102,6 +102,24 @@ def seconds(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def stream_events(url: str, body: bytes) -> Iterator[dict[str, Any]]:
+    """The data events of one streamed chat request (a status other than 200, or an error event,
+    raises): the one reader of the endpoint's stream for every serve benchmark."""
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{url} answered {response.status}")
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[len(b"data: "):])
+            if "error" in event:
+                raise RuntimeError(f"{url} streamed an error: {event}")
+            yield event
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0..100) by linear interpolation, as numpy computes it by default."""
     ordered = sorted(values)

@@ -20,7 +20,6 @@ import socket
 import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from jobs.bench.common import (
     local_ray,
     median,
     percentile,
+    stream_events,
 )
 from jobs.bench.images import photo_jpeg
 from jobs.make_tiny_model import make_tiny_model
@@ -69,22 +69,13 @@ def chat_body(image: bytes, max_tokens: int, stream: bool) -> bytes:
 
 def stream_once(url: str, body: bytes) -> dict[str, float]:
     """One streamed request: seconds to the first text, seconds in all, completion tokens."""
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     start = time.perf_counter()
     first, tokens = None, 0
-    with urllib.request.urlopen(request, timeout=300) as response:
-        if response.status != 200:
-            raise RuntimeError(f"{url} answered {response.status}")
-        for line in response:
-            if not line.startswith(b"data: {"):
-                continue
-            event = json.loads(line[len(b"data: "):])
-            if "error" in event:
-                raise RuntimeError(f"{url} streamed an error: {event}")
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            elif first is None and event["choices"] and event["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - start
+    for event in stream_events(url, body):
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        elif first is None and event["choices"] and event["choices"][0]["delta"].get("content"):
+            first = time.perf_counter() - start
     total = time.perf_counter() - start
     return {"ttft_s": first if first is not None else total, "total_s": total, "tokens": tokens}
 

@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from jobs.bench.common import stream_events
+
 log = logging.getLogger(__name__)
 
 TURNS = 4
@@ -42,19 +44,12 @@ def data_url(seed: int) -> str:
 def turn(url: str, messages: list[dict], max_tokens: int) -> tuple[str, float, float]:
     """One streamed turn: (answer, seconds to the first text, seconds in all)."""
     body = json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     start, first, pieces = time.perf_counter(), None, []
-    with urllib.request.urlopen(request, timeout=300) as response:
-        for line in response:
-            if not line.startswith(b"data: {"):
-                continue
-            event = json.loads(line[len(b"data: "):])
-            if "error" in event:
-                raise RuntimeError(f"{url} streamed an error: {event}")
-            text = event["choices"][0]["delta"].get("content") if event["choices"] else None
-            if text:
-                first = first if first is not None else time.perf_counter() - start
-                pieces.append(text)
+    for event in stream_events(url, body):
+        text = event["choices"][0]["delta"].get("content") if event["choices"] else None
+        if text:
+            first = first if first is not None else time.perf_counter() - start
+            pieces.append(text)
     total = time.perf_counter() - start
     return "".join(pieces), first if first is not None else total, total
 

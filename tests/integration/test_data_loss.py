@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +22,14 @@ import pytest
 from PIL import Image
 
 from pipeline.write import read_rows
-from tests.helpers import complete_parquet_files, encode, kill_after_first_file, noise_image, reference_answer
+from tests.helpers import (
+    complete_parquet_files,
+    encode,
+    kill_after_first_file,
+    loopback_server,
+    noise_image,
+    reference_answer,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -198,8 +204,7 @@ def downloads(tmp_path_factory):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = loopback_server(Quiet)
     base = f"http://127.0.0.1:{server.server_port}"
     urls = [f"{base}/{name}" for name in [*images, "page.png", "missing.png"]]
     (root / "urls.txt").write_text("\n".join(urls) + "\n")

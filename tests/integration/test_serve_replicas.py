@@ -19,8 +19,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,6 +70,18 @@ def post(base: str, body: dict, timeout: float = 120) -> tuple[int, dict, dict]:
             return response.status, json.loads(response.read()), {k.lower(): v for k, v in response.headers.items()}
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read()), {k.lower(): v for k, v in exc.headers.items()}
+
+
+def streams_then(base: str, images: list, max_tokens: int, act: Callable[[], Any]) -> tuple[list[dict], Any]:
+    """A stream about each image at once, `act()` once every one has begun: the streams' results
+    (see `stream`) and what `act` returned."""
+    begun = [threading.Event() for _ in images]
+    with ThreadPoolExecutor(len(images)) as pool:
+        futures = [pool.submit(stream, base, question(image, "Describe the image in detail."), max_tokens, begun[k])
+                   for k, image in enumerate(images)]
+        assert all(event.wait(60) for event in begun)
+        acted = act()
+        return [f.result(timeout=120) for f in futures], acted
 
 
 def stream(base: str, messages: list[dict], max_tokens: int, started: threading.Event | None = None) -> dict:
@@ -162,15 +176,14 @@ def test_the_turns_of_a_conversation_about_one_image_stay_on_one_replica(two, re
 def test_a_replica_killed_mid_stream_ends_its_streams_and_the_other_finishes(two, reference):
     """Eight streams over two replicas; one replica's process is killed once all have begun."""
     images = [noise_image(48, 36, seed=200 + k) for k in range(8)]
-    begun = [threading.Event() for _ in images]
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(stream, two, question(image, "Describe the image in detail."), 200, begun[k])
-                   for k, image in enumerate(images)]
-        assert all(event.wait(60) for event in begun)
+
+    def kill_one_replica() -> float:
         victim = stats(two)["replicas"][0]
         killed = time.monotonic()
         os.kill(victim["pid"], signal.SIGKILL)
-        results = [f.result(timeout=120) for f in futures]
+        return killed
+
+    results, killed = streams_then(two, images, 200, kill_one_replica)
     failed = [r for r in results if r["error"] is not None]
     finished = [(r, image) for r, image in zip(results, images) if r["error"] is None]
     assert failed and finished, [r["error"] for r in results]
@@ -265,15 +278,13 @@ def test_sigterm_drains_the_server_its_streams_finish_and_new_requests_are_refus
     try:
         wait_for(lambda: _healthy(url), 120)
         images = [noise_image(48, 36, seed=400 + k) for k in range(4)]
-        begun = [threading.Event() for _ in images]
-        with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(stream, url, question(image, "Describe the image in detail."), 120, begun[k])
-                       for k, image in enumerate(images)]
-            assert all(event.wait(60) for event in begun)
+
+        def terminate() -> int:
             server.send_signal(signal.SIGTERM)
             time.sleep(3)
-            late = _status(url)
-            results = [f.result(timeout=120) for f in futures]
+            return _status(url)
+
+        results, late = streams_then(url, images, 120, terminate)
         for r, image in zip(results, images):
             assert r["error"] is None
             assert r["text"] == reference_chat(reference, question(image, "Describe the image in detail."), [image], 120)

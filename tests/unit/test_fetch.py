@@ -4,12 +4,12 @@ redirects when no policy is given."""
 from __future__ import annotations
 
 import http.server
-import threading
 import time
 
 import pytest
 
 from pipeline.fetch import FetchError, FetchTooLarge, fetch
+from tests.helpers import loopback_server
 
 
 def test_bytes_structs_and_paths(tmp_path):
@@ -40,8 +40,7 @@ def test_http_follows_redirects_and_bounds_the_read():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = loopback_server(Handler)
     try:
         url = f"http://127.0.0.1:{server.server_port}/hop"
         assert fetch(url, 5.0, 1000) == b"x" * 100
@@ -71,8 +70,7 @@ def test_a_trickling_server_cannot_hold_the_fetch_past_its_timeout():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = loopback_server(Handler)
     try:
         # Read to the end, the 100 bytes would take 20 s and arrive whole; the fetch must give up.
         with pytest.raises(FetchError, match="within 1 s"):

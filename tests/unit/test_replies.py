@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
-import threading
 
 import pytest
 
 from actors import chat as chat_text
 from actors import replies
 from pipeline.schemas import GenerationRequest
+from tests.helpers import loopback_server
 
 
 def _request(engine, body: dict) -> tuple:
@@ -63,9 +63,7 @@ def _serve_once(payload: bytes):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return loopback_server(Handler)
 
 
 QUESTION = {"messages": [{"role": "user", "content": "Describe a red square."}], "stream": True}
