@@ -65,10 +65,12 @@ def replica_failed(when: str) -> api.ApiError:
                         "replica_failed")
 
 
-def merge_stats(front: dict[str, int], replicas: list[dict[str, Any]]) -> dict[str, Any]:
+def merge_stats(front: dict[str, int], replicas: list[dict[str, Any]], receiving: int = 0) -> dict[str, Any]:
     """Every replica's counters summed (peaks as the largest), the ingress's refusals added to
-    `requests_by_status`, and each replica's own counters under `replicas`."""
-    out: dict[str, Any] = {"scheduler": replicas[0]["scheduler"] if replicas else None, "replicas": replicas}
+    `requests_by_status`, the bodies it is receiving now, and each replica's own counters under
+    `replicas`."""
+    out: dict[str, Any] = {"scheduler": replicas[0]["scheduler"] if replicas else None, "replicas": replicas,
+                           "bodies_receiving": receiving}
     for one in replicas:
         for name, value in one.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "pid":
@@ -109,6 +111,7 @@ class LlavaIngress:
         self.engine = engine
         self.streams = engine.options(stream=True)
         self.requests_by_status: dict[str, int] = {}  # outcomes decided here (401, 408, 413, cancelled, ...)
+        self.receiving = 0  # bodies arriving now: slow senders show here before they get their 408
         self._model: str | None = None
         self._parse_pool = ThreadPoolExecutor(2, thread_name_prefix="route-key")
         self._requests = metrics.Counter("llava_requests", "Chat requests by HTTP status.", tag_keys=("status",))
@@ -140,7 +143,7 @@ class LlavaIngress:
         """Every engine replica's counts (summed, and each under `replicas`) and this front's refusals."""
         if (refused := self._unauthorized(request)) is not None:
             return refused
-        return JSONResponse(merge_stats(self.requests_by_status, await self._each_replica_stats()))
+        return JSONResponse(merge_stats(self.requests_by_status, await self._each_replica_stats(), self.receiving))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -264,6 +267,7 @@ class LlavaIngress:
         if declared.isdigit() and int(declared) > limit:
             raise too_large
         chunks, size = [], 0
+        self.receiving += 1
         try:
             async with asyncio.timeout(self.options.body_timeout_s):
                 async for chunk in request.stream():
@@ -274,5 +278,7 @@ class LlavaIngress:
         except TimeoutError:
             raise api.ApiError(408, f"the request body did not arrive within {self.options.body_timeout_s:g} s",
                                code="body_timeout") from None
+        finally:
+            self.receiving -= 1
         return b"".join(chunks)
 

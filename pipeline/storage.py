@@ -37,9 +37,12 @@ def read_parquet_file(fs: fsspec.AbstractFileSystem, path: str, columns: list[st
 
     Reading through `arrow_filesystem` in the driver lets pyarrow's I/O threads call back into
     Python, and the interpreter then often aborts at exit ("terminate called without an active
-    exception", status 134) after the work is done. Whole files in memory avoid that.
+    exception", status 134) after the work is done. Whole files in memory avoid that; and since
+    pyarrow's own thread pools still aborted the exit now and then on a loaded machine (a pool torn
+    down while a worker thread is joinable), the parse stays on the calling thread: output files
+    are small and the summary reads them once.
     """
-    return pq.read_table(pa.BufferReader(fs.cat_file(path)), columns=columns)
+    return pq.read_table(pa.BufferReader(fs.cat_file(path)), columns=columns, use_threads=False, pre_buffer=False)
 
 
 def write_parquet(uri: str, table: pa.Table) -> None:

@@ -366,12 +366,18 @@ def test_a_huge_text_is_refused_while_the_endpoint_keeps_answering(server, clien
 
 
 def test_a_client_that_leaves_while_sending_is_a_cancel_not_a_500(server):
+    def stats() -> dict:
+        return json.loads(http(f"{server}/v1/stats")[1])
+
     def counts() -> dict:
-        return json.loads(http(f"{server}/v1/stats")[1])["requests_by_status"]
+        return stats()["requests_by_status"]
 
     before = counts()
     sock = _open_body(server, b'{"messages": [', 1000)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 20
+    while stats()["bodies_receiving"] < 1:  # the ingress holds it: a close before then is the proxy's alone
+        assert time.monotonic() < deadline, stats()
+        time.sleep(0.05)
     sock.close()
     deadline = time.monotonic() + 20
     while counts().get("cancelled", 0) <= before.get("cancelled", 0):

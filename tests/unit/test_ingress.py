@@ -37,8 +37,9 @@ def test_stats_of_every_replica_are_summed_with_the_fronts_refusals():
            "requests_by_status": {"200": 3}, "image_encodings_run": 2}
     two = {"replica": "b", "pid": 12, "scheduler": "continuous", "finished": 5, "peak_running": 2,
            "requests_by_status": {"200": 4, "503": 1}, "image_encodings_run": 1}
-    merged = merge_stats({"408": 2, "503": 1}, [one, two])
+    merged = merge_stats({"408": 2, "503": 1}, [one, two], receiving=3)
     assert (merged["finished"], merged["peak_running"], merged["image_encodings_run"]) == (8, 4, 3)
     assert merged["requests_by_status"] == {"200": 7, "503": 2, "408": 2}
     assert merged["replicas"] == [one, two] and "pid" not in merged and merged["scheduler"] == "continuous"
-    assert merge_stats({}, [])["requests_by_status"] == {}
+    assert merged["bodies_receiving"] == 3
+    assert merge_stats({}, [])["requests_by_status"] == {} and merge_stats({}, [])["bodies_receiving"] == 0
