@@ -254,8 +254,8 @@ def test_errors_are_openai_shaped_and_harmless(server, urls, case):
 
 @pytest.mark.parametrize("burst", [96, 300])
 def test_full_queue_answers_503_not_a_hang(server, burst):
-    """16 ongoing + 32 queued fit; of a burst of simultaneous requests the rest are turned away at
-    once, always by the replica with an OpenAI-shaped body, never by the proxy in plain text."""
+    """16 ongoing + 32 queued fit; of a burst of simultaneous requests the rest are turned away
+    without waiting for space, always by the replica with an OpenAI-shaped body, never by the proxy in plain text."""
     barrier = threading.Barrier(burst)
 
     def one(_) -> tuple[int, float, str]:
@@ -272,7 +272,12 @@ def test_full_queue_answers_503_not_a_hang(server, burst):
     statuses = [status for status, _ in outcomes]
     assert statuses.count(503) > 0 and set(statuses) <= {200, 503}, statuses
     assert statuses.count(200) >= CONCURRENT
-    assert max(seconds for status, seconds in outcomes if status == 503) < 5.0
+    # Not a hang: a request refused while the queue is full is answered before the requests that
+    # filled it end (a refusal held until space frees would come after the last of them). A clock
+    # bound failed under CI load: 300 connections reach the proxy over seconds, and late ones are
+    # refused (or admitted) late through no fault of the replica.
+    refused_by = max(seconds for status, seconds in outcomes if status == 503)
+    assert refused_by < max(seconds for status, seconds in outcomes if status == 200), outcomes
     assert _post(server, _chat())[0] == 200
 
 
