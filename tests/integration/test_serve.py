@@ -255,7 +255,8 @@ def test_errors_are_openai_shaped_and_harmless(server, urls, case):
 @pytest.mark.parametrize("burst", [96, 300])
 def test_full_queue_answers_503_not_a_hang(server, burst):
     """16 ongoing + 32 queued fit; of a burst of simultaneous requests the rest are turned away
-    without waiting for space, always by the replica with an OpenAI-shaped body, never by the proxy in plain text."""
+    without waiting for space, always by the replica with an OpenAI-shaped body, never by the proxy
+    in plain text."""
     barrier = threading.Barrier(burst)
 
     def one(_) -> tuple[int, float, str]:
