@@ -101,6 +101,34 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return error_response(api.ApiError(exc.status_code, str(exc.detail), "invalid_request_error", code))
 
 
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, within `limit` bytes and `timeout_s` for all of it: 413 or 408 as an
+    `ApiError`, `ClientDisconnect` when the client is gone."""
+    too_large = api.ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise api.ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="body_timeout") from None
+    except (api.ApiError, ClientDisconnect):
+        raise
+    except Exception as exc:
+        # Serve's replica reads the body from its proxy; when the proxy has dropped the request
+        # (its client left) that read fails with Ray's own error (TaskCancelledError, seen in CI),
+        # which the next `receive()` raises here in place of a disconnect message.
+        log.info("reading the request body failed (%s): the client is gone", type(exc).__name__)
+        raise ClientDisconnect() from exc
+    return b"".join(chunks)
+
+
 @serve.deployment
 @serve.ingress(app)
 class LlavaIngress:
@@ -260,25 +288,10 @@ class LlavaIngress:
                                "authentication_error", "invalid_api_key")
 
     async def _read_body(self, request: Request) -> bytes:
-        """The whole body, within the body limit and `body_timeout_s` for all of it."""
-        limit = self.options.max_body_bytes
-        too_large = api.ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large
-        chunks, size = [], 0
+        """The whole body (see `read_body`), counted in `receiving` while it arrives."""
         self.receiving += 1
         try:
-            async with asyncio.timeout(self.options.body_timeout_s):
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise too_large
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise api.ApiError(408, f"the request body did not arrive within {self.options.body_timeout_s:g} s",
-                               code="body_timeout") from None
+            return await read_body(request, self.options.max_body_bytes, self.options.body_timeout_s)
         finally:
             self.receiving -= 1
-        return b"".join(chunks)
 
