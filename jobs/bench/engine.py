@@ -22,7 +22,7 @@ from pathlib import Path
 from actors.engine import Engine
 from jobs.bench import constrained
 from jobs.bench.common import Plot, SuiteResult, Target, one_core
-from jobs.bench.images import photo_jpeg
+from jobs.bench.images import workload_photo
 from jobs.make_tiny_model import TinyArch, make_tiny_model
 from pipeline.config import EngineConfig, SamplingParams
 from pipeline.preprocess import prepare
@@ -40,8 +40,7 @@ BENCH_ARCH = TinyArch(
 
 def workload(engine: Engine, kind: str, images: int, first_seed: int = 0) -> list[GenerationRequest]:
     """The rows of one workload (see the module docstring)."""
-    photos = [prepare(photo_jpeg(320 + 32 * (i % 5), 240 + 24 * (i % 3), seed=first_seed + i), engine.spec)
-              for i in range(images)]
+    photos = [prepare(workload_photo(i, seed=first_seed + i), engine.spec) for i in range(images)]
     rows = []
     for i, photo in enumerate(photos):
         asks = [(QUESTIONS[0], 8 + (37 * i) % 121)] if kind == "mixed" else [(q, 32) for q in QUESTIONS]

@@ -56,3 +56,9 @@ def photo_jpeg(width: int, height: int, seed: int, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     photo_like(width, height, seed).save(buf, "JPEG", quality=quality)
     return buf.getvalue()
+
+
+def workload_photo(i: int, seed: int | None = None) -> bytes:
+    """Row `i`'s photo in the engine workloads: 320-448 x 240-288 px, sizes cycling so that rows
+    fall into different anyres grids and prompt lengths; `seed` (default `i`) picks the content."""
+    return photo_jpeg(320 + 32 * (i % 5), 240 + 24 * (i % 3), seed=i if seed is None else seed)

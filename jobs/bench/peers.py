@@ -27,7 +27,7 @@ from pathlib import Path
 
 from jobs.bench.common import Plot, SuiteResult, Target, one_core
 from jobs.bench.engine import BENCH_ARCH, QUESTIONS
-from jobs.bench.images import photo_jpeg
+from jobs.bench.images import workload_photo
 from jobs.make_tiny_model import make_tiny_model
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def _manifest(path: Path, rows: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    images = [photo_jpeg(320 + 32 * (i % 5), 240 + 24 * (i % 3), seed=i) for i in range(rows)]
+    images = [workload_photo(i) for i in range(rows)]
     pq.write_table(pa.table({"id": [f"p{i:03d}" for i in range(rows)], "image": images,
                              "prompt": [QUESTIONS[0]] * rows}), path)
     return path
@@ -179,7 +179,7 @@ def run(quick: bool, vllm_python: str | None = None, ray_data_llm_python: str | 
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp_dir:
         tmp = Path(tmp_dir)
-        photos = [photo_jpeg(320 + 32 * (i % 5), 240 + 24 * (i % 3), seed=i) for i in range(25)]
+        photos = [workload_photo(i) for i in range(25)]
         image_paths = []
         for i, data in enumerate(photos):
             image_paths.append(tmp / f"photo-{i}.jpg")
