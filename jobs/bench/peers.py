@@ -134,7 +134,7 @@ def pipelines(python: str, model: Path, hub: Path, tmp: Path, quick: bool) -> di
     """Our job and Ray Data LLM's pipeline on the same Parquet, two CPUs each, run one after the
     other at two sizes, each size twice: rows/s after start-up is the rows between the sizes over
     the time between (each size's faster run), start-up the small run's time less its rows at
-    that rate. Ray Data LLM's start-up alone varied by 10 s between runs here (72-86 s), as much as
+    that rate. Ray Data LLM's 24-row run alone took 70-82 s in five runs here, a spread as large as
     its work on 48 rows, so the sizes are far apart and each is the best of two."""
     import pyarrow.parquet as pq
 
@@ -152,8 +152,8 @@ def pipelines(python: str, model: Path, hub: Path, tmp: Path, quick: bool) -> di
                              str(PIPELINE_TOKENS), "8", "2"],
         }
         for _ in range(repeats):
+            shutil.rmtree(tmp / f"theirs-{n}", ignore_errors=True)  # ours is told --overwrite
             for name, command in commands.items():
-                shutil.rmtree(tmp / f"theirs-{n}", ignore_errors=True)
                 start = time.perf_counter()
                 done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=3600,
                                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -230,8 +230,9 @@ def run(quick: bool, vllm_python: str | None = None, ray_data_llm_python: str | 
                      f"Ray on the machine's cores (ours of 2 CPUs; Ray Data LLM's of 3 logical CPUs, its stages' "
                      f"reservations need the third, and a logical GPU its engine stage asks for), run at "
                      f"{piped['rows'][0]} and {piped['rows'][1]} rows, distinct images, each size twice (the faster "
-                     f"run counts): rows/s after start-up is the difference between the two over the time between; start-up is the smaller run's time less its rows at "
-                     f"that rate (start-up s: ours {ours_p['startup_s']:.1f}, Ray Data LLM {theirs_p['startup_s']:.1f}).")
+                     f"run counts): rows/s after start-up is the difference between the two over the time "
+                     f"between; start-up is the smaller run's time less its rows at that rate (start-up s: "
+                     f"ours {ours_p['startup_s']:.1f}, Ray Data LLM {theirs_p['startup_s']:.1f}).")
     return SuiteResult(
         suite="peers", title=title,
         header=["checkpoint", "workload", "rows", "tokens", "ours rows/s", "vLLM rows/s", "ours / vLLM", "tokens equal"],

@@ -18,9 +18,10 @@ def main(model: str, manifest: str, output: str, max_tokens: int, batch_size: in
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    # Logical CPUs are reservations, not cores: with exactly `cpus` of them the engine stage and the
-    # CPU stages' actors took every slot and the task listing the input files never ran (a hang,
-    # seen here on Ray 2.60); one more lets it run. The processes share the machine's cores either way.
+    # Logical CPUs are reservations, not cores. Each CPU stage is an actor pool reserving a whole CPU
+    # by default; with those and the engine stage on `cpus` slots the task listing the input files
+    # never ran (a hang, seen here on Ray 2.60). The CPU stages get a quarter each and Ray one slot
+    # more, so every stage starts; the processes share the machine's cores either way.
     ray.init(num_cpus=cpus + 1, num_gpus=1, include_dashboard=False)
     config = vLLMEngineProcessorConfig(
         model_source=model, batch_size=batch_size, concurrency=1, log_engine_metrics=False,
@@ -28,9 +29,6 @@ def main(model: str, manifest: str, output: str, max_tokens: int, batch_size: in
                        # On CPUs this is the share of the machine's memory vLLM reserves (0.92 by default,
                        # which refuses to start on a machine with anything else running).
                        "gpu_memory_utilization": 0.2},
-        # Each CPU stage is an actor pool reserving a whole CPU by default: four of them and the
-        # reading tasks on a 2-CPU Ray left a stage pending and the run hung (seen here on Ray 2.60).
-        # A quarter each lets every stage start; they share the same two cores either way.
         prepare_multimodal_stage={"enabled": True, "num_cpus": 0.25},
         chat_template_stage={"enabled": True, "num_cpus": 0.25},
         tokenize_stage={"enabled": True, "num_cpus": 0.25},
