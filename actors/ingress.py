@@ -117,7 +117,8 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                     raise too_large
                 chunks.append(chunk)
     except TimeoutError:
-        raise api.ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="body_timeout") from None
+        raise api.ApiError(408, f"the request body did not arrive within {timeout_s:g} s",
+                           code="body_timeout") from None
     except (api.ApiError, ClientDisconnect):
         raise
     except Exception as exc:
