@@ -36,6 +36,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def use_cpu_threads(device: torch.device, threads: int | None) -> None:
+    """Give torch `threads` intra-op threads when the engine computes on CPU.
+
+    Ray starts an actor that reserves one CPU with one thread (OMP_NUM_THREADS=1); a batch job's
+    CPU actor reserves one so the CPU stage always has room, but its share of the node is larger
+    (see `jobs.plan.plan_resources`). The setting is the process's: the engine is all its actor runs.
+    """
+    if device.type == "cpu" and threads is not None and threads != torch.get_num_threads():
+        log.info("engine on CPU: %d torch threads (was %d)", threads, torch.get_num_threads())
+        torch.set_num_threads(threads)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto` is bfloat16 on CUDA and float32 elsewhere (CPU half precision is slow and lossy)."""
     if dtype == "auto":
@@ -154,6 +166,7 @@ class Checkpoint:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        use_cpu_threads(self.device, cfg.cpu_threads)
         self.processor = AutoProcessor.from_pretrained(cfg.model)
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"

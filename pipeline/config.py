@@ -56,7 +56,9 @@ class EngineConfig:
     stored prefixes (None: 80 % of free GPU memory; on CPU room for every running request at up to
     1,024 tokens), and `image_cache_mb` of encoded images; `max_batch_tokens` tokens per step
     (None: 1024 on CPU, 8192 on GPU) for at most `max_running_requests` requests, prompt chunks of
-    at least `page_size` tokens; `vision_batch_tiles` tiles per vision-tower call.
+    at least `page_size` tokens; `vision_batch_tiles` tiles per vision-tower call. `cpu_threads`:
+    torch threads when the engine computes on CPU (None: as many as its process was given; the
+    batch job sets it for CPU actors, see `jobs.plan.plan_resources`).
     """
 
     model: str
@@ -77,6 +79,7 @@ class EngineConfig:
     max_batch_tokens: int | None = None
     max_running_requests: int = 32
     vision_batch_tiles: int = 64
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -104,6 +107,8 @@ class EngineConfig:
             raise ConfigError("max_batch_tokens must be at least page_size")
         if self.max_running_requests < 1 or self.vision_batch_tiles < 1:
             raise ConfigError("max_running_requests and vision_batch_tiles must be at least 1")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError("cpu_threads must be at least 1 (or unset)")
 
 
 @dataclass(frozen=True)
@@ -345,6 +350,8 @@ ENGINE_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("page_size", "--page-size", "the smallest prompt chunk of a step, in tokens (and the floor the step's "
                                  "tokens are halved to after out of memory)"),
     ("vision_batch_tiles", "--vision-batch-tiles", "image tiles per vision-tower call"),
+    ("cpu_threads", "--cpu-threads", "torch threads of an engine on CPU (unset: a batch job's CPU actor takes its "
+                                     "share of the node's cores; the endpoint's replica, the CPUs it reserves)"),
 )
 _CHOICES = {"prompt_format": PROMPT_FORMATS, "dtype": DTYPES, "attn_implementation": ATTN_IMPLEMENTATIONS,
             "quantization": QUANTIZATIONS, "scheduler": SCHEDULERS}

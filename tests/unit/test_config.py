@@ -16,6 +16,7 @@ from pipeline.config import ConfigError, EngineConfig, ImageLimits, SamplingPara
         ({"temperature": -1.0}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"model": ""}, "model"),
+        ({"cpu_threads": 0}, "cpu_threads"),
     ],
 )
 def test_bad_engine_options_are_refused(kwargs, message):

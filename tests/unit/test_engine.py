@@ -203,3 +203,15 @@ def test_the_vision_layers_after_the_feature_layer_are_dropped_and_features_stay
     assert engine_mod.drop_unused_vision_layers(twice) == 1 and twice.config.vision_feature_layer == [full - 2, full - 1]
     twice.config.vision_feature_layer = full + 5
     assert engine_mod.drop_unused_vision_layers(twice) == 0
+
+
+def test_cpu_threads_are_set_for_an_engine_on_cpu_only():
+    before = torch.get_num_threads()
+    try:
+        engine_mod.use_cpu_threads(torch.device("cpu"), 1)
+        assert torch.get_num_threads() == 1
+        engine_mod.use_cpu_threads(torch.device("cuda"), 3)  # a GPU engine's host threads stay as they are
+        engine_mod.use_cpu_threads(torch.device("cpu"), None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
