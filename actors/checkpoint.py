@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,9 +42,13 @@ def use_cpu_threads(device: torch.device, threads: int | None) -> None:
 
     Ray starts an actor that reserves one CPU with one thread (OMP_NUM_THREADS=1); a batch job's
     CPU actor reserves one so the CPU stage always has room, but its share of the node is larger
-    (see `jobs.plan.plan_resources`). The setting is the process's: the engine is all its actor runs.
+    (see `jobs.plan.plan_resources`). Never more than the cores this process may run on: Ray's
+    logical CPUs can outnumber them. The setting is the process's: the engine is all its actor runs.
     """
-    if device.type == "cpu" and threads is not None and threads != torch.get_num_threads():
+    if device.type != "cpu" or threads is None:
+        return
+    threads = min(threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if threads != torch.get_num_threads():
         log.info("engine on CPU: %d torch threads (was %d)", threads, torch.get_num_threads())
         torch.set_num_threads(threads)
 

@@ -47,7 +47,8 @@ def write_manifest(path: Path, rows: int) -> None:
 def plain_loop(manifest: Path, output: Path, engine_cfg: EngineConfig, rows: int | None = None) -> dict[str, str]:
     """The baseline: load the engine, then read, prepare, generate and write batch by batch.
 
-    Runs on one torch thread, as a Ray actor holding one CPU does (Ray sets OMP_NUM_THREADS=1).
+    Runs on one torch thread, as the job's actors are told to (`cpu_threads=1`): the suite
+    measures what Ray costs or gains around the same engine, not more threads.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -96,7 +97,7 @@ def run(quick: bool) -> SuiteResult:
         model = str(make_tiny_model(work / "model"))
         manifest = work / "manifest.parquet"
         write_manifest(manifest, rows)
-        engine_cfg = EngineConfig(model=model, max_new_tokens=max_new_tokens, device="cpu")
+        engine_cfg = EngineConfig(model=model, max_new_tokens=max_new_tokens, device="cpu", cpu_threads=1)
         wall: dict[str, float] = {}
         answers: dict[str, dict[str, str]] = {}
         summaries: dict[str, dict] = {}

@@ -4,6 +4,8 @@ Tests that only the static path has (its batch splitting on out-of-memory, a fai
 call) run on `static_engine`; the continuous loop's own behaviour is in test_continuous.py.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -213,5 +215,7 @@ def test_cpu_threads_are_set_for_an_engine_on_cpu_only():
         engine_mod.use_cpu_threads(torch.device("cuda"), 3)  # a GPU engine's host threads stay as they are
         engine_mod.use_cpu_threads(torch.device("cpu"), None)
         assert torch.get_num_threads() == 1
+        engine_mod.use_cpu_threads(torch.device("cpu"), 1000)  # no more threads than cores
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(before)
