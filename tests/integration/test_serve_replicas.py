@@ -147,19 +147,40 @@ def two(base, tiny_model):
     serve.delete("two")
 
 
+def images_homed_on_each(replica_ids: list[str], per_replica: int) -> list:
+    """Noise images, `per_replica` of them homed on each replica by the router's rendezvous hash
+    (replica ids are random, so fixed images would all land on one replica now and then)."""
+    from actors.routing import image_key, rendezvous
+
+    chosen: dict[str, list] = {r: [] for r in replica_ids}
+    for seed in range(100, 1000):
+        image = noise_image(40 + seed % 6, 30, seed=seed)
+        home = rendezvous(image_key({"messages": question(image)}), replica_ids)
+        if len(chosen[home]) < per_replica:
+            chosen[home].append(image)
+        if all(len(images) == per_replica for images in chosen.values()):
+            return [image for pair in zip(*chosen.values()) for image in pair]
+    raise AssertionError(f"no {per_replica} images for each of {replica_ids}")
+
+
 def test_the_turns_of_a_conversation_about_one_image_stay_on_one_replica(two, reference):
-    """Six conversations of four turns, one at a time: each lands whole on one replica (Serve's
-    default router would split most of them), and each image is encoded once in all."""
+    """Six conversations of four turns, one at a time, three homed on each replica: each lands
+    whole on its image's home (Serve's default router would split most of them), and each image
+    is encoded once in all."""
+    from actors.routing import image_key, rendezvous
+
     c = client(two)
 
     def answered() -> dict[str, int]:
         return {r["replica"]: r["requests_by_status"].get("200", 0) for r in stats(two)["replicas"]}
 
     before_encodings = stats(two)["image_encodings_run"]
+    replica_ids = sorted(answered())
+    assert len(replica_ids) == 2, replica_ids
     homes = []
-    for k in range(6):
-        image = noise_image(40 + k, 30, seed=100 + k)
+    for image in images_homed_on_each(replica_ids, 3):
         messages, before = question(image), answered()
+        home = rendezvous(image_key({"messages": messages}), replica_ids)
         for turn in range(4):
             reply = c.chat.completions.create(model=model_of(two), messages=messages, max_tokens=8)
             if turn == 0:
@@ -167,9 +188,9 @@ def test_the_turns_of_a_conversation_about_one_image_stay_on_one_replica(two, re
             messages += [{"role": "assistant", "content": reply.choices[0].message.content},
                          {"role": "user", "content": f"And turn {turn + 2}?"}]
         grew = {r: n - before.get(r, 0) for r, n in answered().items() if n != before.get(r, 0)}
-        assert list(grew.values()) == [4], grew
-        homes += list(grew)
-    assert len(set(homes)) == 2, homes  # both replicas took conversations
+        assert grew == {home: 4}, (grew, home)
+        homes.append(home)
+    assert sorted(homes) == sorted(replica_ids * 3), homes  # both replicas took conversations
     assert stats(two)["image_encodings_run"] - before_encodings == 6
 
 
