@@ -147,9 +147,10 @@ def two(base, tiny_model):
     serve.delete("two")
 
 
-def images_homed_on_each(replica_ids: list[str], per_replica: int) -> list:
-    """Noise images, `per_replica` of them homed on each replica by the router's rendezvous hash
-    (replica ids are random, so fixed images would all land on one replica now and then)."""
+def images_homed_on_each(replica_ids: list[str], per_replica: int) -> list[tuple[Any, str]]:
+    """(noise image, its home) pairs, `per_replica` of them homed on each replica by the router's
+    rendezvous hash (replica ids are random, so fixed images would all land on one replica now and
+    then)."""
     from actors.routing import image_key, rendezvous
 
     chosen: dict[str, list] = {r: [] for r in replica_ids}
@@ -157,9 +158,9 @@ def images_homed_on_each(replica_ids: list[str], per_replica: int) -> list:
         image = noise_image(40 + seed % 6, 30, seed=seed)
         home = rendezvous(image_key({"messages": question(image)}), replica_ids)
         if len(chosen[home]) < per_replica:
-            chosen[home].append(image)
+            chosen[home].append((image, home))
         if all(len(images) == per_replica for images in chosen.values()):
-            return [image for pair in zip(*chosen.values()) for image in pair]
+            return [pair for pairs in zip(*chosen.values()) for pair in pairs]
     raise AssertionError(f"no {per_replica} images for each of {replica_ids}")
 
 
@@ -167,8 +168,6 @@ def test_the_turns_of_a_conversation_about_one_image_stay_on_one_replica(two, re
     """Six conversations of four turns, one at a time, three homed on each replica: each lands
     whole on its image's home (Serve's default router would split most of them), and each image
     is encoded once in all."""
-    from actors.routing import image_key, rendezvous
-
     c = client(two)
 
     def answered() -> dict[str, int]:
@@ -178,9 +177,8 @@ def test_the_turns_of_a_conversation_about_one_image_stay_on_one_replica(two, re
     replica_ids = sorted(answered())
     assert len(replica_ids) == 2, replica_ids
     homes = []
-    for image in images_homed_on_each(replica_ids, 3):
+    for image, home in images_homed_on_each(replica_ids, 3):
         messages, before = question(image), answered()
-        home = rendezvous(image_key({"messages": messages}), replica_ids)
         for turn in range(4):
             reply = c.chat.completions.create(model=model_of(two), messages=messages, max_tokens=8)
             if turn == 0:
@@ -189,7 +187,7 @@ def test_the_turns_of_a_conversation_about_one_image_stay_on_one_replica(two, re
                          {"role": "user", "content": f"And turn {turn + 2}?"}]
         grew = {r: n - before.get(r, 0) for r, n in answered().items() if n != before.get(r, 0)}
         assert grew == {home: 4}, (grew, home)
-        homes.append(home)
+        homes += list(grew)
     assert sorted(homes) == sorted(replica_ids * 3), homes  # both replicas took conversations
     assert stats(two)["image_encodings_run"] - before_encodings == 6
 
